@@ -1,0 +1,247 @@
+"""The threads way: R replicas of one forward, in threads, meeting at each SyncBN call.
+
+Each replica posts its local statistics to a rendezvous keyed by (layer, call index);
+the last one to arrive merges them on the first replica's device, and every replica
+copies the result to its own device. Both the merge and the copies are ordinary
+differentiable tensor ops, so the backward pass needs no rendezvous at all: autograd
+follows the graph across replicas by itself. That is not only simpler, it is required:
+on the CPU the autograd engine runs every replica's backward on *one* thread, so a
+blocking exchange inside a backward would wait for a peer that can never run.
+
+A rendezvous that cannot complete never hangs: waiting replicas raise
+``SyncBNTimeoutError`` after ``timeout`` seconds, at once when a peer finished its
+forward without making the call or when every live replica waits at a different call,
+and ``SyncBNPeerError`` as soon as a peer raised.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
+from syncbn.stats import BatchStatistics, merge_statistics
+
+_PENDING = object()
+# Replica modules carry their context in this attribute; master modules never have it.
+REPLICA_ATTRIBUTE = "_syncbn_replica"
+
+
+@dataclass
+class _Slot:
+    """One rendezvous: the values posted for one (layer, call index)."""
+
+    values: dict[int, Any] = field(default_factory=dict)
+    result: Any = _PENDING
+
+
+@dataclass
+class _Abort:
+    """Why a group can no longer make progress; turned into one error per replica."""
+
+    reason: str
+    peer_error: BaseException | None = None
+
+
+class ReplicaGroup:
+    """The rendezvous of ``world_size`` replicas that run one forward in threads.
+
+    A group lives for one forward: ``DataParallel`` makes a new one each call, so a
+    failed forward leaves nothing behind for the next.
+
+    Args:
+        world_size: number of replicas.
+        timeout: seconds a replica waits for its peers at one call before giving up.
+
+    Example:
+        >>> import threading
+        >>> group = ReplicaGroup(2, timeout=5.0)
+        >>> out = {}
+        >>> def run(rank):
+        ...     out[rank] = group.exchange(rank, "bn", rank + 1, sum)
+        ...     group.finish(rank)
+        >>> threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+        >>> for t in threads: t.start()
+        >>> for t in threads: t.join()
+        >>> out
+        {0: 3, 1: 3}
+    """
+
+    def __init__(self, world_size: int, timeout: float = 60.0) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be at least 1 (got {world_size})")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds (got {timeout})")
+        self.world_size = world_size
+        self.timeout = float(timeout)
+        self._cond = threading.Condition()
+        self._slots: dict[tuple[str, int], _Slot] = {}
+        self._calls: Counter[tuple[int, str]] = Counter()
+        self._waiting: dict[int, tuple[str, int]] = {}
+        self._finished: set[int] = set()
+        self._abort: _Abort | None = None
+
+    def exchange(self, rank: int, layer: str, value: Any, combine: Callable[[list[Any]], Any]) -> Any:
+        """Post ``value`` for this rank's next call of ``layer``; return ``combine(all values)``.
+
+        The last replica to arrive runs ``combine`` on the values in rank order; every
+        replica returns the same result object.
+
+        Raises:
+            SyncBNTimeoutError: a peer never arrived, or can no longer arrive.
+            SyncBNPeerError: a peer raised.
+        """
+        with self._cond:
+            call = self._calls[(rank, layer)]
+            self._calls[(rank, layer)] += 1
+            key = (layer, call)
+            if self._abort is not None:
+                raise self._error(key, self._slots.get(key, _Slot()))
+            slot = self._slots.setdefault(key, _Slot())
+            slot.values[rank] = value
+            if len(slot.values) < self.world_size:
+                return self._wait(rank, key, slot)
+        # Last to arrive: combine outside the lock so waiting threads are not blocked.
+        try:
+            result = combine([slot.values[r] for r in range(self.world_size)])
+        except BaseException as error:
+            self.fail(rank, error)
+            raise
+        with self._cond:
+            slot.result = result
+            self._cond.notify_all()
+        return result
+
+    def finish(self, rank: int) -> None:
+        """Record that ``rank`` returned from its forward: it will make no more calls."""
+        with self._cond:
+            self._finished.add(rank)
+            self._check_progress()
+
+    def fail(self, rank: int, error: BaseException) -> None:
+        """Record that ``rank`` raised ``error``; every waiting peer raises ``SyncBNPeerError``."""
+        with self._cond:
+            self._finished.add(rank)
+            if self._abort is None:
+                self._set_abort(
+                    _Abort(f"replica {rank} raised {type(error).__name__}: {error}", peer_error=error)
+                )
+
+    def _wait(self, rank: int, key: tuple[str, int], slot: _Slot) -> Any:
+        self._waiting[rank] = key
+        try:
+            self._check_progress()
+            deadline = time.monotonic() + self.timeout
+            while slot.result is _PENDING and self._abort is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(self.world_size)) - set(slot.values))
+                    self._set_abort(
+                        _Abort(f"replica(s) {missing} did not arrive within {self.timeout:g} s")
+                    )
+                    break
+                self._cond.wait(remaining)
+            if slot.result is not _PENDING:
+                return slot.result
+            raise self._error(key, slot)
+        finally:
+            del self._waiting[rank]
+
+    def _check_progress(self) -> None:
+        """Abort at once when some waiting replica can provably never be joined."""
+        if self._abort is not None:
+            return
+        for _rank, key in self._waiting.items():
+            slot = self._slots[key]
+            gone = sorted(self._finished - set(slot.values))
+            if gone:
+                self._set_abort(
+                    _Abort(
+                        f"replica(s) {gone} finished the forward without making this call; "
+                        "every replica must call each SyncBN layer the same number of times"
+                    )
+                )
+                return
+        live = set(range(self.world_size)) - self._finished
+        if live and live <= set(self._waiting):
+            where = ", ".join(
+                f"replica {r} at '{layer}' call {call}" for r, (layer, call) in sorted(self._waiting.items())
+            )
+            self._set_abort(
+                _Abort(
+                    f"every replica waits at a different call ({where}); "
+                    "every replica must call each SyncBN layer the same number of times"
+                )
+            )
+
+    def _set_abort(self, abort: _Abort) -> None:
+        self._abort = abort
+        self._cond.notify_all()
+
+    def _error(self, key: tuple[str, int], slot: _Slot) -> SyncBNTimeoutError:
+        layer, call = key
+        abort = self._abort
+        arrived = sorted(slot.values)
+        message = (
+            f"SyncBN layer '{layer}' call {call}: replicas {arrived} of {self.world_size} arrived; "
+            f"{abort.reason}"
+        )
+        if abort.peer_error is not None:
+            error = SyncBNPeerError(message, peer_error=abort.peer_error)
+            error.__cause__ = abort.peer_error
+            return error
+        return SyncBNTimeoutError(message)
+
+
+@dataclass(frozen=True)
+class ReplicaContext:
+    """What one replica of a SyncBN layer needs to synchronize: its group, rank and layer name.
+
+    Example:
+        >>> import torch
+        >>> from syncbn.stats import local_statistics
+        >>> context = ReplicaContext(ReplicaGroup(1), rank=0, layer="bn")
+        >>> context.all_reduce_statistics(local_statistics(torch.ones(2, 3))).count
+        2
+    """
+
+    group: ReplicaGroup
+    rank: int
+    layer: str
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
+
+    def all_reduce_statistics(self, local: BatchStatistics) -> BatchStatistics:
+        """Merge ``local`` with every peer's statistics for this call; result on ``local``'s device."""
+        merged = self.group.exchange(self.rank, self.layer, local, _merge_on_first_device)
+        device = local.mean.device
+        return BatchStatistics(merged.count, merged.mean.to(device), merged.m2.to(device))
+
+
+def _merge_on_first_device(parts: list[BatchStatistics]) -> BatchStatistics:
+    device = parts[0].mean.device
+    moved = [BatchStatistics(p.count, p.mean.to(device), p.m2.to(device)) for p in parts]
+    return merge_statistics(moved)
+
+
+def bind_replica(module: nn.Module, context: ReplicaContext) -> None:
+    """Attach ``context`` to a replica module (never to a master: replicas are discarded)."""
+    module.__dict__[REPLICA_ATTRIBUTE] = context
+
+
+def replica_context(module: nn.Module) -> ReplicaContext | None:
+    """The context of a replica module, or None outside a synchronized forward.
+
+    Example:
+        >>> replica_context(nn.BatchNorm2d(3)) is None
+        True
+    """
+    return module.__dict__.get(REPLICA_ATTRIBUTE)

@@ -1,0 +1,117 @@
+"""``SyncBatchNorm`` modules: drop-in ``nn.BatchNormNd`` whose batch statistics span replicas.
+
+The module holds state and decides which statistics to use, exactly as
+``torch.nn.modules.batchnorm._BatchNorm`` does; the math lives in
+``syncbn.functional.sync_batch_norm``. Parameters, buffers and ``state_dict`` keys are
+those of ``nn.BatchNormNd`` (we subclass torch's ``_BatchNorm``), so checkpoints move
+freely between the two.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from syncbn.comm.threads import replica_context
+from syncbn.functional import sync_batch_norm
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalization over ``(N, C, *)`` input with statistics synchronized across replicas.
+
+    Inside ``syncbn.DataParallel`` with R replicas, training-mode statistics are those of
+    the whole batch (all replicas), so R replicas compute what one device computes on the
+    full batch. Anywhere else it behaves exactly like ``nn.BatchNormNd``.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: factor of the running-statistics update; ``None`` for a cumulative
+            average. Default: 0.1.
+        affine: learn a per-channel ``weight`` (and ``bias``). Default: True.
+        track_running_stats: keep ``running_mean``/``running_var``; if False, batch
+            statistics are used in eval mode too. Default: True.
+        device, dtype: where and in which dtype to create parameters and buffers.
+        bias: learn ``bias`` (only with ``affine``). Default: True.
+
+    Shape:
+        - Input: ``(N, C, *)``; output: the same shape, dtype and memory format.
+
+    Example:
+        >>> import torch, syncbn
+        >>> bn = syncbn.SyncBatchNorm(3)
+        >>> bn(torch.randn(4, 3, 8, 8)).shape
+        torch.Size([4, 3, 8, 8])
+    """
+
+    # Marks modules that DataParallel binds to a replica group (see syncbn.parallel).
+    _syncbn_synchronized = True
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when there are no running ones.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Running statistics are updated only when tracked and training.
+        use_buffers = not self.training or self.track_running_stats
+        return sync_batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+            replica=replica_context(self),
+        )
+
+
+class SyncBatchNorm1d(SyncBatchNorm):
+    r"""``SyncBatchNorm`` over ``(N, C)`` or ``(N, C, L)`` input, like ``nn.BatchNorm1d``.
+
+    Example:
+        >>> import torch, syncbn
+        >>> syncbn.SyncBatchNorm1d(16)(torch.randn(8, 16)).shape
+        torch.Size([8, 16])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class SyncBatchNorm2d(SyncBatchNorm):
+    r"""``SyncBatchNorm`` over ``(N, C, H, W)`` input, like ``nn.BatchNorm2d``.
+
+    Example:
+        >>> import torch, syncbn
+        >>> syncbn.SyncBatchNorm2d(3)(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 3, 8, 8])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class SyncBatchNorm3d(SyncBatchNorm):
+    r"""``SyncBatchNorm`` over ``(N, C, D, H, W)`` input, like ``nn.BatchNorm3d``.
+
+    Example:
+        >>> import torch, syncbn
+        >>> syncbn.SyncBatchNorm3d(3)(torch.randn(2, 3, 4, 8, 8)).shape
+        torch.Size([2, 3, 4, 8, 8])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")

@@ -1,0 +1,184 @@
+"""``DataParallel``: one process, R replicas in threads, SyncBN statistics shared.
+
+Per forward: scatter the batch, replicate the module, bind every synchronized layer of
+every replica to a fresh ``ReplicaGroup``, run the replicas in threads, gather. R
+replicas may be CUDA devices or R *virtual* replicas on one device (the CPU of a
+laptop), which share the master's parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from syncbn.comm.threads import ReplicaContext, ReplicaGroup, bind_replica
+from syncbn.parallel.parallel_apply import parallel_apply
+from syncbn.parallel.replicate import replicate
+from syncbn.parallel.scatter_gather import gather, scatter_arguments
+
+
+def is_synchronized(module: nn.Module) -> bool:
+    """Whether ``module`` synchronizes batch statistics (a SyncBN or a converted BN subclass).
+
+    Example:
+        >>> import syncbn
+        >>> is_synchronized(syncbn.SyncBatchNorm2d(3)), is_synchronized(nn.BatchNorm2d(3))
+        (True, False)
+    """
+    return getattr(module, "_syncbn_synchronized", False)
+
+
+def bind_replicas(master: nn.Module, replicas: Sequence[nn.Module], group: ReplicaGroup) -> None:
+    """Give each synchronized layer of each replica its rank in ``group`` and its layer name."""
+    names = [name for name, m in master.named_modules() if is_synchronized(m)]
+    for rank, replica in enumerate(replicas):
+        layers = [m for m in replica.modules() if is_synchronized(m)]
+        for name, layer in zip(names, layers, strict=True):
+            bind_replica(layer, ReplicaContext(group, rank, name or "<root>"))
+
+
+def run_synchronized(
+    module: nn.Module,
+    replicas: Sequence[nn.Module],
+    args: Sequence[tuple[Any, ...]],
+    kwargs: Sequence[dict[str, Any]],
+    devices: Sequence[torch.device],
+    timeout: float,
+) -> list[Any]:
+    """Bind ``replicas`` (copies of ``module``) to a new group and run them in threads."""
+    group = ReplicaGroup(len(replicas), timeout)
+    bind_replicas(module, replicas, group)
+    return parallel_apply(replicas, args, kwargs, devices, group)
+
+
+class DataParallel(nn.Module):
+    r"""Data parallelism in one process with synchronized BatchNorm.
+
+    A drop-in for ``nn.DataParallel`` in which SyncBN layers (see
+    ``syncbn.convert_model``) normalize with the statistics of the whole batch. It also
+    runs without a GPU: ``replicas=R`` on a CPU-only machine gives R virtual replicas that
+    share the master's parameters, so gradients land on them exactly as with
+    ``nn.DataParallel``.
+
+    Args:
+        module: the module to replicate; its parameters and buffers must be on the first
+            replica's device.
+        device_ids: CUDA devices (ints or ``torch.device``). Default: all visible CUDA
+            devices, or the module's own device when there is no CUDA.
+        output_device: where outputs are gathered. Default: the first replica's device.
+        dim: the batch dimension inputs are split along. Default: 0.
+        replicas: number of replicas, placed round-robin on ``device_ids`` (so several
+            may share one device). Default: one per device.
+        timeout: seconds a replica waits for its peers at a SyncBN layer before raising
+            ``SyncBNTimeoutError``. Default: 60.
+
+    Shape:
+        Inputs are split into ``replicas`` shards along ``dim`` (sizes differ by at most
+        one; a batch smaller than ``replicas`` leaves some shards empty); outputs are
+        concatenated along ``dim``.
+
+    Example:
+        >>> import torch, syncbn
+        >>> net = syncbn.convert_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
+        >>> dp = syncbn.DataParallel(net, replicas=4)
+        >>> dp(torch.randn(8, 3, 16, 16)).shape
+        torch.Size([8, 8, 14, 14])
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        device_ids: Sequence[int | torch.device] | None = None,
+        output_device: int | torch.device | None = None,
+        dim: int = 0,
+        *,
+        replicas: int | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        super().__init__()
+        if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+            raise ValueError(f"replicas must be a positive integer (got {replicas!r})")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds (got {timeout!r})")
+        self.module = module
+        self.dim = dim
+        self.timeout = float(timeout)
+        self.device_ids = _resolve_devices(module, device_ids)
+        count = replicas if replicas is not None else len(self.device_ids)
+        self.replica_devices = [self.device_ids[i % len(self.device_ids)] for i in range(count)]
+        self.output_device = (
+            _as_device(output_device) if output_device is not None else self.replica_devices[0]
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        devices = self.replica_devices
+        source = devices[0]
+        for tensor in (*self.module.parameters(), *self.module.buffers()):
+            if tensor.device != source:
+                raise RuntimeError(
+                    f"module must have its parameters and buffers on device {source} "
+                    f"(the first replica's) but found one on {tensor.device}; call module.to({str(source)!r})"
+                )
+        if len(devices) == 1:
+            return self.module(*args, **kwargs)
+        shard_args, shard_kwargs = scatter_arguments(args, kwargs, devices, self.dim)
+        replicas = replicate(self.module, devices)
+        outputs = run_synchronized(self.module, replicas, shard_args, shard_kwargs, devices, self.timeout)
+        return gather(outputs, self.output_device, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"replicas={len(self.replica_devices)}, devices={[str(d) for d in self.device_ids]}"
+
+
+def _as_device(device: int | str | torch.device) -> torch.device:
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _resolve_devices(module: nn.Module, device_ids: Sequence[int | torch.device] | None) -> list[torch.device]:
+    if device_ids is not None:
+        devices = [_as_device(d) for d in device_ids]
+        if not devices:
+            raise ValueError("device_ids must name at least one device (got an empty list)")
+        return devices
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    first = next(iter((*module.parameters(), *module.buffers())), None)
+    return [first.device if first is not None else torch.device("cpu")]
+
+
+def patch_replication_callback(data_parallel: nn.DataParallel) -> nn.DataParallel:
+    """Make an existing ``nn.DataParallel`` synchronize the SyncBN layers of its module.
+
+    It keeps torch's own scatter, replication and gather, and replaces only how the
+    replicas run: in threads bound to one ``ReplicaGroup`` (60 s timeout). Prefer
+    ``syncbn.DataParallel``, which also runs on the CPU.
+
+    Returns:
+        ``data_parallel`` itself, patched.
+
+    Example:
+        >>> import torch, syncbn
+        >>> net = syncbn.convert_model(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+        >>> dp = syncbn.patch_replication_callback(torch.nn.DataParallel(net))
+        >>> dp(torch.randn(4, 3, 2, 2)).shape
+        torch.Size([4, 3, 2, 2])
+    """
+    if not isinstance(data_parallel, nn.DataParallel):
+        raise TypeError(f"expected an nn.DataParallel (got {type(data_parallel).__name__})")
+
+    def synchronized_parallel_apply(replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
+        devices = [_as_device(d) for d in data_parallel.device_ids[: len(replicas)]]
+        args = [x if isinstance(x, tuple) else (x,) for x in inputs]
+        kwargs = list(kwargs) if kwargs is not None else [{} for _ in replicas]
+        return run_synchronized(data_parallel.module, replicas, args, kwargs, devices, timeout=60.0)
+
+    data_parallel.parallel_apply = synchronized_parallel_apply  # type: ignore[method-assign]
+    return data_parallel

@@ -1,0 +1,79 @@
+"""Split inputs into per-replica shards and join per-replica outputs.
+
+Like ``torch.nn.parallel.scatter_gather`` but device-agnostic (it also serves R
+virtual replicas on one CPU) and with balanced shards: sizes differ by at most one,
+and a batch smaller than R leaves some replicas with empty shards, which still take
+part in every SyncBN rendezvous with a count of zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any]:
+    """Split every tensor in ``obj`` (nested tuples, lists, dicts) into ``len(devices)`` shards.
+
+    Tensors are split along ``dim`` with ``torch.tensor_split`` and moved to each
+    replica's device (a view when the device is unchanged); anything else is shared by
+    reference.
+
+    Example:
+        >>> shards = scatter((torch.arange(5),), [torch.device("cpu")] * 2)
+        >>> [s[0].tolist() for s in shards]
+        [[0, 1, 2], [3, 4]]
+    """
+    if isinstance(obj, Tensor):
+        return [shard.to(device) for shard, device in zip(torch.tensor_split(obj, len(devices), dim), devices, strict=False)]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return [type(obj)(*parts) for parts in zip(*(scatter(x, devices, dim) for x in obj), strict=False)]
+    if isinstance(obj, (tuple, list)) and obj:
+        return [type(obj)(parts) for parts in zip(*(scatter(x, devices, dim) for x in obj), strict=False)]
+    if isinstance(obj, dict) and obj:
+        return [type(obj)(parts) for parts in zip(*(scatter(list(obj.items()), devices, dim)), strict=False)]
+    return [obj for _ in devices]
+
+
+def scatter_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], devices: Sequence[torch.device], dim: int = 0
+) -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
+    """Shard positional and keyword arguments: one ``(args, kwargs)`` pair per replica.
+
+    Example:
+        >>> args, kwargs = scatter_arguments((torch.zeros(4, 2),), {}, [torch.device("cpu")] * 2)
+        >>> [a[0].shape[0] for a in args], kwargs
+        ([2, 2], [{}, {}])
+    """
+    shard_args = [tuple(a) for a in scatter(list(args), devices, dim)] if args else [() for _ in devices]
+    shard_kwargs = scatter(kwargs, devices, dim) if kwargs else [{} for _ in devices]
+    return shard_args, shard_kwargs
+
+def gather(outputs: Sequence[Any], device: torch.device, dim: int = 0) -> Any:
+    """Concatenate per-replica outputs (nested tuples, lists, dicts) on ``device`` along ``dim``.
+
+    Zero-dimensional tensors (e.g. a per-replica loss) are stacked into a vector, as
+    ``nn.DataParallel`` does. Non-tensor outputs are taken from the first replica.
+
+    Example:
+        >>> gather([torch.zeros(2), torch.ones(1)], torch.device("cpu")).tolist()
+        [0.0, 0.0, 1.0]
+    """
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        moved = [out.to(device) for out in outputs]
+        if first.dim() == 0:
+            return torch.stack(moved)
+        return torch.cat(moved, dim)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(gather(parts, device, dim) for parts in zip(*outputs, strict=False)))
+    if isinstance(first, (tuple, list)):
+        return type(first)(gather(parts, device, dim) for parts in zip(*outputs, strict=False))
+    if isinstance(first, dict):
+        if any(set(out) != set(first) for out in outputs):
+            raise ValueError("all replicas must return dicts with the same keys")
+        return type(first)((key, gather([out[key] for out in outputs], device, dim)) for key in first)
+    return first

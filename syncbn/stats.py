@@ -1,0 +1,138 @@
+"""Per-channel batch statistics: local (count, mean, M2) and Chan's parallel merge.
+
+Why not sums of x and x**2: ``var = E[x^2] - E[x]^2`` cancels catastrophically when
+|mean| >> std (an input offset by 1e4 loses every significant digit in float32). We
+keep, per replica, the count, the mean and the sum of squared deviations from that
+mean (M2), and merge replicas with the pairwise formula of Chan, Golub & LeVeque
+(1979), generalised to R parts:
+
+    n  = sum n_i
+    mu = mu_ref + sum n_i (mu_i - mu_ref) / n
+    M2 = sum M2_i + sum n_i (mu_i - mu)^2
+
+All of it is made of differentiable tensor ops, so autograd carries gradients from the
+merged statistics back to every replica's input (see ``syncbn/comm/threads.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class BatchStatistics(NamedTuple):
+    """Per-channel statistics of a batch (or of the union of several batches).
+
+    Attributes:
+        count: values per channel (a Python int, the same for every channel).
+        mean: per-channel mean, shape ``(C,)``, in the statistics dtype.
+        m2: per-channel sum of squared deviations from ``mean``, shape ``(C,)``.
+    """
+
+    count: int
+    mean: Tensor
+    m2: Tensor
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float64 stays, everything else is float32.
+
+    Example:
+        >>> statistics_dtype(torch.bfloat16)
+        torch.float32
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduced_dims(input: Tensor) -> list[int]:
+    """Dimensions BatchNorm reduces over: all but the channel dimension 1.
+
+    Example:
+        >>> reduced_dims(torch.zeros(2, 3, 4, 5))
+        [0, 2, 3]
+    """
+    return [0, *range(2, input.dim())]
+
+
+def channel_view(stat: Tensor, input: Tensor) -> Tensor:
+    """Reshape a ``(C,)`` tensor so it broadcasts against ``input`` of shape ``(N, C, ...)``.
+
+    Example:
+        >>> channel_view(torch.zeros(3), torch.zeros(2, 3, 4, 5)).shape
+        torch.Size([1, 3, 1, 1])
+    """
+    return stat.view(1, -1, *([1] * (input.dim() - 2)))
+
+
+def local_statistics(input: Tensor) -> BatchStatistics:
+    """Count, mean and M2 per channel of ``input``, computed in the statistics dtype.
+
+    Two passes (mean, then squared deviations) keep M2 accurate for offset inputs. An
+    empty input gives zeros, so that it can join a merge with weight ``count=0``.
+
+    Args:
+        input: tensor of shape ``(N, C, *)``, any floating dtype and memory format.
+
+    Returns:
+        ``BatchStatistics`` whose tensors carry autograd history back to ``input``.
+
+    Example:
+        >>> stats = local_statistics(torch.tensor([[1.0], [3.0]]))
+        >>> stats.count, stats.mean.tolist(), stats.m2.tolist()
+        (2, [2.0], [2.0])
+    """
+    channels = input.size(1)
+    count = input.numel() // channels if channels else 0
+    dtype = statistics_dtype(input.dtype)
+    if count == 0:
+        zeros = torch.zeros(channels, dtype=dtype, device=input.device)
+        return BatchStatistics(0, zeros, zeros)
+    values = input.to(dtype)
+    dims = reduced_dims(input)
+    mean = values.mean(dims)
+    m2 = (values - channel_view(mean, values)).square().sum(dims)
+    return BatchStatistics(count, mean, m2)
+
+
+def merge_statistics(parts: Sequence[BatchStatistics]) -> BatchStatistics:
+    """Merge per-replica statistics with Chan's parallel formula (stable, differentiable).
+
+    Every part's tensors must be on one device. Parts with ``count == 0`` take part with
+    zero weight.
+
+    Args:
+        parts: one ``BatchStatistics`` per replica.
+
+    Returns:
+        The statistics of the union of all parts. With a total count of zero, mean and M2
+        are zeros.
+
+    Example:
+        >>> a = local_statistics(torch.tensor([[1.0], [2.0]]))
+        >>> b = local_statistics(torch.tensor([[3.0], [4.0], [5.0]]))
+        >>> merged = merge_statistics([a, b])
+        >>> merged.count, merged.mean.tolist(), merged.m2.tolist()
+        (5, [3.0], [10.0])
+    """
+    if not parts:
+        raise ValueError("merge_statistics expected at least one part (got 0)")
+    count = sum(part.count for part in parts)
+    nonempty = [part for part in parts if part.count > 0]
+    if not nonempty:
+        return BatchStatistics(0, parts[0].mean, parts[0].m2)
+    if len(nonempty) == 1:
+        return nonempty[0]
+    counts = torch.tensor(
+        [part.count for part in nonempty], dtype=nonempty[0].mean.dtype, device=nonempty[0].mean.device
+    ).unsqueeze(1)
+    means = torch.stack([part.mean for part in nonempty])
+    m2s = torch.stack([part.m2 for part in nonempty])
+    # Weighted sum of small deltas from one part's mean, not of the means themselves:
+    # with |mean| >> std the deltas carry the information and round far less.
+    reference = means[0]
+    mean = reference + (counts * (means - reference)).sum(0) / count
+    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
+    return BatchStatistics(count, mean, m2)

@@ -1,0 +1,121 @@
+"""Synchronize BatchNorm subclasses whose ``forward`` does more than BatchNorm.
+
+Model zoos ship classes such as ``BatchNormAct2d``: a ``nn.BatchNorm2d`` subclass whose
+``forward`` calls ``F.batch_norm`` and then an activation. Replacing such a layer by a
+plain SyncBN would silently drop the activation. Instead the instance keeps its class's
+``forward`` and gets a synchronized subclass of it (``Synchronized<Name>``): while that
+forward runs inside a replica, its call to ``torch.nn.functional.batch_norm`` on its own
+parameters and buffers is routed to ``syncbn.functional.sync_batch_norm``.
+
+The routing hook is installed into ``torch.nn.functional`` the first time such a class
+is made; outside a synchronized forward it forwards straight to torch's function. A
+forward that computes batch statistics some other way would stay unsynchronized, so
+that raises instead of passing silently.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from syncbn.comm.threads import ReplicaContext, replica_context
+from syncbn.errors import SyncBNError
+from syncbn.functional import sync_batch_norm, torch_batch_norm
+
+
+@dataclass
+class _ActiveLayer:
+    module: nn.Module
+    replica: ReplicaContext
+    routed_calls: int = 0
+
+
+_active = threading.local()
+
+
+def _routing_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    stack: list[_ActiveLayer] = getattr(_active, "stack", [])
+    layer = stack[-1] if stack else None
+    # Route only the layer's own call: a nested BN module has other buffers/parameters.
+    if layer is not None and _is_own_call(layer.module, running_mean, weight):
+        layer.routed_calls += 1
+        return sync_batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, replica=layer.replica
+        )
+    return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _is_own_call(module: nn.Module, running_mean: Tensor | None, weight: Tensor | None) -> bool:
+    return (running_mean is None or running_mean is module.running_mean) and (
+        weight is None or weight is module.weight
+    )
+
+
+class _SynchronizedSubclass:
+    """Mixin placed before the original class: wraps its forward in batch-norm routing."""
+
+    _syncbn_synchronized = True
+    _syncbn_original_class: type[nn.Module]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        replica = replica_context(self)  # type: ignore[arg-type]
+        if replica is None or replica.world_size == 1:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        layer = _ActiveLayer(self, replica)  # type: ignore[arg-type]
+        stack = _active.__dict__.setdefault("stack", [])
+        stack.append(layer)
+        try:
+            output = super().forward(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            stack.pop()
+        needs_batch_statistics = self.training or self.running_mean is None  # type: ignore[attr-defined]
+        if needs_batch_statistics and layer.routed_calls == 0:
+            raise SyncBNError(
+                f"layer '{replica.layer}' ({self._syncbn_original_class.__name__}) computed its output "
+                "without calling torch.nn.functional.batch_norm on its own buffers, so its statistics "
+                "cannot be synchronized; revert it with syncbn.revert_model or call F.batch_norm in its forward"
+            )
+        return output
+
+
+@cache
+def synchronized_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The synchronized subclass of a BatchNorm subclass ``cls`` (made once, then cached).
+
+    Example:
+        >>> class BatchNormReLU(nn.BatchNorm2d):
+        ...     def forward(self, x):
+        ...         return super().forward(x).relu()
+        >>> synchronized_class(BatchNormReLU).__name__
+        'SynchronizedBatchNormReLU'
+    """
+    _install_routing()
+    return type(
+        f"Synchronized{cls.__name__}",
+        (_SynchronizedSubclass, cls),
+        {"_syncbn_original_class": cls, "__module__": cls.__module__, "__doc__": cls.__doc__},
+    )
+
+
+def is_synchronized_subclass(module: nn.Module) -> bool:
+    """Whether ``module``'s class was made by ``synchronized_class``."""
+    return isinstance(module, _SynchronizedSubclass)
+
+
+def _install_routing() -> None:
+    if F.batch_norm is not _routing_batch_norm:
+        F.batch_norm = _routing_batch_norm
