@@ -60,9 +60,7 @@ def _routing_batch_norm(
 
 
 def _is_own_call(module: nn.Module, running_mean: Tensor | None, weight: Tensor | None) -> bool:
-    return (running_mean is None or running_mean is module.running_mean) and (
-        weight is None or weight is module.weight
-    )
+    return (running_mean is None or running_mean is module.running_mean) and (weight is None or weight is module.weight)
 
 
 class _SynchronizedSubclass:

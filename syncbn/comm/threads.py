@@ -129,9 +129,7 @@ class ReplicaGroup:
         with self._cond:
             self._finished.add(rank)
             if self._abort is None:
-                self._set_abort(
-                    _Abort(f"replica {rank} raised {type(error).__name__}: {error}", peer_error=error)
-                )
+                self._set_abort(_Abort(f"replica {rank} raised {type(error).__name__}: {error}", peer_error=error))
 
     def _wait(self, rank: int, key: tuple[str, int], slot: _Slot) -> Any:
         self._waiting[rank] = key
@@ -142,9 +140,7 @@ class ReplicaGroup:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     missing = sorted(set(range(self.world_size)) - set(slot.values))
-                    self._set_abort(
-                        _Abort(f"replica(s) {missing} did not arrive within {self.timeout:g} s")
-                    )
+                    self._set_abort(_Abort(f"replica(s) {missing} did not arrive within {self.timeout:g} s"))
                     break
                 self._cond.wait(remaining)
             if slot.result is not _PENDING:
@@ -188,10 +184,7 @@ class ReplicaGroup:
         layer, call = key
         abort = self._abort
         arrived = sorted(slot.values)
-        message = (
-            f"SyncBN layer '{layer}' call {call}: replicas {arrived} of {self.world_size} arrived; "
-            f"{abort.reason}"
-        )
+        message = f"SyncBN layer '{layer}' call {call}: replicas {arrived} of {self.world_size} arrived; {abort.reason}"
         if abort.peer_error is not None:
             error = SyncBNPeerError(message, peer_error=abort.peer_error)
             error.__cause__ = abort.peer_error

@@ -109,9 +109,7 @@ class DataParallel(nn.Module):
         self.device_ids = _resolve_devices(module, device_ids)
         count = replicas if replicas is not None else len(self.device_ids)
         self.replica_devices = [self.device_ids[i % len(self.device_ids)] for i in range(count)]
-        self.output_device = (
-            _as_device(output_device) if output_device is not None else self.replica_devices[0]
-        )
+        self.output_device = _as_device(output_device) if output_device is not None else self.replica_devices[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         devices = self.replica_devices

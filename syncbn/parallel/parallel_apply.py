@@ -70,7 +70,9 @@ def parallel_apply(
         else:
             group.finish(rank)
 
-    threads = [threading.Thread(target=work, args=(rank,), name=f"syncbn-replica-{rank}") for rank in range(len(replicas))]
+    threads = [
+        threading.Thread(target=work, args=(rank,), name=f"syncbn-replica-{rank}") for rank in range(len(replicas))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

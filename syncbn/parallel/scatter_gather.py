@@ -28,7 +28,9 @@ def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any
         [[0, 1, 2], [3, 4]]
     """
     if isinstance(obj, Tensor):
-        return [shard.to(device) for shard, device in zip(torch.tensor_split(obj, len(devices), dim), devices, strict=False)]
+        return [
+            shard.to(device) for shard, device in zip(torch.tensor_split(obj, len(devices), dim), devices, strict=False)
+        ]
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return [type(obj)(*parts) for parts in zip(*(scatter(x, devices, dim) for x in obj), strict=False)]
     if isinstance(obj, (tuple, list)) and obj:
@@ -51,6 +53,7 @@ def scatter_arguments(
     shard_args = [tuple(a) for a in scatter(list(args), devices, dim)] if args else [() for _ in devices]
     shard_kwargs = scatter(kwargs, devices, dim) if kwargs else [{} for _ in devices]
     return shard_args, shard_kwargs
+
 
 def gather(outputs: Sequence[Any], device: torch.device, dim: int = 0) -> Any:
     """Concatenate per-replica outputs (nested tuples, lists, dicts) on ``device`` along ``dim``.
