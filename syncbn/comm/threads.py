@@ -153,9 +153,11 @@ class ReplicaGroup:
         """Abort at once when some waiting replica can provably never be joined."""
         if self._abort is not None:
             return
-        for _rank, key in self._waiting.items():
-            slot = self._slots[key]
-            gone = sorted(self._finished - set(slot.values))
+        # A replica still listed as waiting may already have its result (not yet woken):
+        # only slots that some replica has not reached can be stuck.
+        stuck = {r: key for r, key in self._waiting.items() if len(self._slots[key].values) < self.world_size}
+        for key in stuck.values():
+            gone = sorted(self._finished - set(self._slots[key].values))
             if gone:
                 self._set_abort(
                     _Abort(
@@ -165,10 +167,8 @@ class ReplicaGroup:
                 )
                 return
         live = set(range(self.world_size)) - self._finished
-        if live and live <= set(self._waiting):
-            where = ", ".join(
-                f"replica {r} at '{layer}' call {call}" for r, (layer, call) in sorted(self._waiting.items())
-            )
+        if live and live <= set(stuck):
+            where = ", ".join(f"replica {r} at '{layer}' call {call}" for r, (layer, call) in sorted(stuck.items()))
             self._set_abort(
                 _Abort(
                     f"every replica waits at a different call ({where}); "

@@ -148,8 +148,16 @@ def _resolve_devices(module: nn.Module, device_ids: Sequence[int | torch.device]
         return devices
     if torch.cuda.is_available():
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    first = next(iter((*module.parameters(), *module.buffers())), None)
-    return [first.device if first is not None else torch.device("cpu")]
+    return [_device_of(module)]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    # Replicas made by torch hold parameter copies as plain attributes, hence __dict__.
+    for m in module.modules():
+        for value in (*m._parameters.values(), *m._buffers.values(), *m.__dict__.values()):
+            if isinstance(value, torch.Tensor):
+                return value.device
+    return torch.device("cpu")
 
 
 def patch_replication_callback(data_parallel: nn.DataParallel) -> nn.DataParallel:
@@ -173,7 +181,7 @@ def patch_replication_callback(data_parallel: nn.DataParallel) -> nn.DataParalle
         raise TypeError(f"expected an nn.DataParallel (got {type(data_parallel).__name__})")
 
     def synchronized_parallel_apply(replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
-        devices = [_as_device(d) for d in data_parallel.device_ids[: len(replicas)]]
+        devices = [_device_of(replica) for replica in replicas]
         args = [x if isinstance(x, tuple) else (x,) for x in inputs]
         kwargs = list(kwargs) if kwargs is not None else [{} for _ in replicas]
         return run_synchronized(data_parallel.module, replicas, args, kwargs, devices, timeout=60.0)

@@ -28,15 +28,15 @@ def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any
         [[0, 1, 2], [3, 4]]
     """
     if isinstance(obj, Tensor):
-        return [
-            shard.to(device) for shard, device in zip(torch.tensor_split(obj, len(devices), dim), devices, strict=False)
-        ]
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return [type(obj)(*parts) for parts in zip(*(scatter(x, devices, dim) for x in obj), strict=False)]
+        shards = torch.tensor_split(obj, len(devices), dim)
+        return [shard.to(device) for shard, device in zip(shards, devices, strict=True)]
     if isinstance(obj, (tuple, list)) and obj:
-        return [type(obj)(parts) for parts in zip(*(scatter(x, devices, dim) for x in obj), strict=False)]
+        per_replica = zip(*(scatter(x, devices, dim) for x in obj), strict=True)
+        if hasattr(obj, "_fields"):  # namedtuple
+            return [type(obj)(*parts) for parts in per_replica]
+        return [type(obj)(parts) for parts in per_replica]
     if isinstance(obj, dict) and obj:
-        return [type(obj)(parts) for parts in zip(*(scatter(list(obj.items()), devices, dim)), strict=False)]
+        return [type(obj)(items) for items in scatter(list(obj.items()), devices, dim)]
     return [obj for _ in devices]
 
 

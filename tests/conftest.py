@@ -1,0 +1,71 @@
+"""Shared test helpers: one training step, and comparisons of module state.
+
+Helpers are fixtures (``--import-mode=importlib`` keeps ``tests/`` off ``sys.path``, so
+test files cannot import this file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+
+class StepResult(NamedTuple):
+    """What one forward + backward produced: the output, the input grad, the parameter grads."""
+
+    out: Tensor
+    x_grad: Tensor | None
+    grads: dict[str, Tensor]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # syncbn.DataParallel and nn.DataParallel keep the model in .module; grads land there.
+    return getattr(model, "module", model)
+
+
+def _run_step(model: nn.Module, x: Tensor, cotangent: Tensor | None, *args: Any, **kwargs: Any) -> StepResult:
+    """Zero the grads, run ``model(x, *args, **kwargs)`` and backpropagate ``cotangent``.
+
+    ``x`` is cloned into a fresh leaf, so the same tensor can feed several models.
+    With ``cotangent=None`` no backward is run.
+    """
+    inner = _unwrap(model)
+    inner.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(cotangent is not None and x.is_floating_point())
+    out = model(x, *args, **kwargs)
+    if cotangent is not None:
+        out.backward(cotangent)
+    grads = {name: p.grad.clone() for name, p in inner.named_parameters() if p.grad is not None}
+    return StepResult(out.detach(), x.grad, grads)
+
+
+def _assert_state_equal(actual: nn.Module, expected: nn.Module, **tolerance: Any) -> None:
+    """Every parameter and buffer of ``actual`` equals ``expected``'s (same keys, dtypes, values).
+
+    Floating tensors compare with ``tolerance`` (``assert_close``'s rtol/atol; exact
+    when empty); integer buffers such as ``num_batches_tracked`` always exactly.
+    """
+    got, want = _unwrap(actual).state_dict(), _unwrap(expected).state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, f"{key}: {got[key].dtype} != {want[key].dtype}"
+        if not tolerance or not want[key].is_floating_point():
+            assert torch.equal(got[key], want[key]), f"{key}: {got[key]} != {want[key]}"
+        else:
+            torch.testing.assert_close(got[key], want[key], **tolerance, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.fixture
+def run_step() -> Callable[..., StepResult]:
+    """``run_step(model, x, cotangent, *args, **kwargs) -> StepResult(out, x_grad, grads)``."""
+    return _run_step
+
+
+@pytest.fixture
+def assert_state_equal() -> Callable[..., None]:
+    """``assert_state_equal(actual, expected, **tolerance)``: parameters and buffers match."""
+    return _assert_state_equal

@@ -1,0 +1,214 @@
+"""A replica that fails, skips a layer or stalls must never hang its peers."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import syncbn
+from syncbn.comm.threads import ReplicaGroup
+
+
+def run_ranks(group: ReplicaGroup, body) -> dict[int, object]:
+    """Run body(rank) for every rank of group in threads; return each rank's result or error."""
+    outcomes: dict[int, object] = {}
+
+    def work(rank: int) -> None:
+        try:
+            outcomes[rank] = body(rank)
+        except BaseException as error:  # noqa: BLE001 - recorded for the test
+            outcomes[rank] = error
+            group.fail(rank, error)
+        else:
+            group.finish(rank)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(group.world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive(), "a replica thread hung"
+    return outcomes
+
+
+def test_exchange_combines_once_in_rank_order():
+    group = ReplicaGroup(3, timeout=5)
+    calls = []
+
+    def combine(values):
+        calls.append(list(values))
+        return tuple(values)
+
+    outcomes = run_ranks(group, lambda rank: group.exchange(rank, "bn", rank * 10, combine))
+    assert calls == [[0, 10, 20]]
+    assert outcomes == {0: (0, 10, 20), 1: (0, 10, 20), 2: (0, 10, 20)}
+
+
+def test_calls_of_one_layer_are_matched_by_index():
+    group = ReplicaGroup(2, timeout=5)
+    outcomes = run_ranks(group, lambda rank: [group.exchange(rank, "bn", (rank, i), tuple) for i in range(3)])
+    assert outcomes[0] == outcomes[1] == [((0, i), (1, i)) for i in range(3)]
+
+
+def test_timeout_names_layer_call_and_arrivals():
+    group = ReplicaGroup(2, timeout=0.5)
+
+    def body(rank):
+        if rank == 1:
+            time.sleep(1.5)  # arrives after the peer gave up
+        return group.exchange(rank, "layer1.bn", rank, tuple)
+
+    start = time.monotonic()
+    outcomes = run_ranks(group, body)
+    assert time.monotonic() - start < 5
+    assert all(isinstance(outcome, syncbn.SyncBNTimeoutError) for outcome in outcomes.values())
+    message = str(outcomes[0])
+    assert "layer 'layer1.bn' call 0" in message
+    assert "replicas [0] of 2 arrived" in message
+    assert "replica(s) [1] did not arrive within 0.5 s" in message
+
+
+def test_finished_peer_is_detected_without_waiting_for_timeout():
+    group = ReplicaGroup(2, timeout=60)
+
+    def body(rank):
+        if rank == 0:
+            return group.exchange(rank, "bn", rank, tuple)
+        return "skipped"
+
+    start = time.monotonic()
+    outcomes = run_ranks(group, body)
+    assert time.monotonic() - start < 5
+    assert isinstance(outcomes[0], syncbn.SyncBNTimeoutError)
+    assert "replica(s) [1] finished the forward without making this call" in str(outcomes[0])
+    assert outcomes[1] == "skipped"
+
+
+def test_replicas_waiting_at_different_layers_are_detected():
+    group = ReplicaGroup(2, timeout=60)
+    start = time.monotonic()
+    outcomes = run_ranks(group, lambda rank: group.exchange(rank, f"bn{rank}", rank, tuple))
+    assert time.monotonic() - start < 5
+    for outcome in outcomes.values():
+        assert isinstance(outcome, syncbn.SyncBNTimeoutError)
+        assert "replica 0 at 'bn0' call 0, replica 1 at 'bn1' call 0" in str(outcome)
+
+
+def test_peer_error_reaches_waiting_replicas():
+    group = ReplicaGroup(3, timeout=60)
+
+    def body(rank):
+        if rank == 2:
+            raise ValueError("boom")
+        return group.exchange(rank, "bn", rank, tuple)
+
+    outcomes = run_ranks(group, body)
+    assert isinstance(outcomes[2], ValueError)
+    for rank in (0, 1):
+        assert isinstance(outcomes[rank], syncbn.SyncBNPeerError)
+        assert outcomes[rank].peer_error is outcomes[2]
+        assert "replica 2 raised ValueError: boom" in str(outcomes[rank])
+
+
+def test_failing_combine_reaches_every_replica():
+    group = ReplicaGroup(2, timeout=60)
+
+    def combine(values):
+        raise RuntimeError("merge failed")
+
+    outcomes = run_ranks(group, lambda rank: group.exchange(rank, "bn", rank, combine))
+    errors = list(outcomes.values())
+    assert sum(isinstance(e, RuntimeError) and not isinstance(e, syncbn.SyncBNError) for e in errors) == 1
+    assert sum(isinstance(e, syncbn.SyncBNPeerError) for e in errors) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_group_rejects_bad_arguments(bad):
+    with pytest.raises(ValueError, match="world_size must be at least 1"):
+        ReplicaGroup(bad)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        ReplicaGroup(2, timeout=bad)
+
+
+# --- the same failures through DataParallel ------------------------------------------------
+
+
+class Misbehaving(nn.Module):
+    """conv -> bn1 -> (a replica given exactly one sample misbehaves) -> bn2 -> bn3."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.bn3 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn1(self.conv(x))
+        odd_one = x.shape[0] == 1
+        if odd_one and self.mode == "raise":
+            raise ValueError("replica refused its input")
+        if odd_one and self.mode == "stall":
+            time.sleep(3)
+        if odd_one and self.mode == "skip":
+            return self.bn3(x)
+        if odd_one and self.mode == "twice":
+            x = self.bn2(x)
+        return self.bn3(self.bn2(x))
+
+
+@pytest.mark.parametrize(
+    ("mode", "root_error", "text"),
+    [
+        ("raise", ValueError, "replica refused its input"),
+        ("skip", syncbn.SyncBNTimeoutError, "every replica must call each SyncBN layer the same number of times"),
+        ("twice", syncbn.SyncBNTimeoutError, "every replica must call each SyncBN layer the same number of times"),
+        ("stall", syncbn.SyncBNTimeoutError, "did not arrive within 1 s"),
+    ],
+)
+def test_misbehaving_replica_fails_every_replica_then_next_forward_works(mode, root_error, text):
+    torch.manual_seed(0)
+    model = Misbehaving(mode).double()
+    reference = copy.deepcopy(model)
+    dp = syncbn.DataParallel(syncbn.convert_model(model), replicas=4, timeout=1)
+
+    start = time.monotonic()
+    with pytest.raises(root_error, match=text) as caught:
+        dp(torch.randn(7, 3, 5, 5, dtype=torch.float64))  # shards of 2, 2, 2 and 1
+    assert time.monotonic() - start < 10
+    notes = "\n".join(caught.value.__notes__)
+    # every replica ended in an error, none hangs or silently succeeds
+    for rank in range(4):
+        assert f"replica {rank}: " in notes
+    assert "finished" not in notes.replace("finished the forward", "")
+
+    # the same DataParallel then runs a correct step (shards of 2 each)
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    reference.train()
+    torch.testing.assert_close(dp(x), reference(x), rtol=1e-10, atol=1e-12)
+
+
+def test_patch_replication_callback_synchronizes_nn_data_parallel():
+    from syncbn.parallel.replicate import replicate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    reference = copy.deepcopy(model)
+    dp = syncbn.patch_replication_callback(nn.DataParallel(syncbn.convert_model(model)))
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    # nn.DataParallel only replicates on CUDA; drive its (patched) parallel_apply directly.
+    cpu = torch.device("cpu")
+    outputs = dp.parallel_apply(replicate(dp.module, [cpu, cpu]), [(x[:4],), (x[4:],)], None)
+    torch.testing.assert_close(torch.cat(outputs), reference(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dp.module[1].running_var, reference[1].running_var, rtol=1e-10, atol=1e-12)
+
+
+def test_patch_replication_callback_rejects_other_modules():
+    with pytest.raises(TypeError, match="expected an nn.DataParallel"):
+        syncbn.patch_replication_callback(nn.Linear(2, 2))

@@ -1,0 +1,78 @@
+"""Local statistics and Chan's merge against torch's own mean/var on the whole batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncbn.stats import local_statistics, merge_statistics
+
+
+def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [0, *range(2, x.dim())]
+    return x.mean(dims), x.var(dims, correction=0) * (x.numel() // x.size(1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 6), min_size=1, max_size=8), offset=st.sampled_from([0.0, 1e4, -3e6]))
+def test_merge_of_shards_equals_statistics_of_the_whole(sizes, offset):
+    if sum(sizes) == 0:
+        sizes = [*sizes, 1]
+    torch.manual_seed(len(sizes))
+    x = torch.randn(sum(sizes), 3, 2, dtype=torch.float64) * 2 + offset
+    parts = [local_statistics(shard) for shard in torch.split(x, sizes)]
+    merged = merge_statistics(parts)
+    mean, m2 = reference(x)
+    assert merged.count == x.numel() // 3
+    torch.testing.assert_close(merged.mean, mean, rtol=1e-12, atol=1e-12 * (1 + abs(offset)))
+    torch.testing.assert_close(merged.m2, m2, rtol=1e-9, atol=1e-9)
+
+
+def test_empty_input_gives_zero_count_and_zeros():
+    stats = local_statistics(torch.empty(0, 4, 3))
+    assert stats.count == 0
+    assert torch.equal(stats.mean, torch.zeros(4)) and torch.equal(stats.m2, torch.zeros(4))
+
+
+def test_all_empty_merge_has_zero_count():
+    empty = local_statistics(torch.empty(0, 2))
+    assert merge_statistics([empty, empty]).count == 0
+
+
+def test_merge_rejects_no_parts():
+    with pytest.raises(ValueError, match="at least one part"):
+        merge_statistics([])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_input_accumulates_in_float32(dtype):
+    x = torch.randn(64, 5, 7).to(dtype)
+    stats = local_statistics(x)
+    assert stats.mean.dtype == torch.float32
+    mean, m2 = reference(x.float())
+    torch.testing.assert_close(stats.mean, mean)
+    torch.testing.assert_close(stats.m2, m2)
+
+
+def test_float32_offset_input_keeps_its_variance():
+    # The reason for (count, mean, M2): E[x^2]-E[x]^2 in float32 loses everything here.
+    torch.manual_seed(0)
+    x = 1e4 + torch.randn(4096, 2)
+    parts = [local_statistics(shard) for shard in x.chunk(4)]
+    var = merge_statistics(parts).m2 / x.size(0)
+    expected = x.double().var(0, correction=0)
+    assert (var.double() - expected).abs().max() < 1e-3
+    naive = (x * x).mean(0) - x.mean(0) ** 2
+    assert (naive.double() - expected).abs().max() > 1e-1
+
+
+def test_statistics_are_differentiable_through_the_merge():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    merged = merge_statistics([local_statistics(x[:2]), local_statistics(x[2:])])
+    direct = reference(x)
+    g_mean, g_m2 = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((merged.mean * g_mean).sum() + (merged.m2 * g_m2).sum(), x)
+    (expected,) = torch.autograd.grad((direct[0] * g_mean).sum() + (direct[1] * g_m2).sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
