@@ -54,7 +54,7 @@ _HOOK_ATTRIBUTES = (
     "_load_state_dict_post_hooks",
 )
 # Attributes the new module computes for itself or that converting must not carry.
-_OWN_ATTRIBUTES = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "process_group"}
+_OWN_ATTRIBUTES = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"}
 
 
 def convert_model(module: M) -> nn.Module:
@@ -115,10 +115,10 @@ def _replace_tree(module: nn.Module, replace_layer, memo: dict[int, nn.Module]) 
         return memo[id(module)]
     replaced = replace_layer(module)
     memo[id(module)] = replaced
-    for name, child in replaced.named_children():
-        new_child = _replace_tree(child, replace_layer, memo)
-        if new_child is not child:
-            replaced._modules[name] = new_child
+    # _modules, not named_children(): the latter yields a child registered twice only once.
+    for name, child in list(replaced._modules.items()):
+        if child is not None:
+            replaced._modules[name] = _replace_tree(child, replace_layer, memo)
     return replaced
 
 
@@ -148,6 +148,8 @@ def _revert_layer(module: nn.Module) -> nn.Module:
     target = module.__dict__.get("_syncbn_converted_from") or PLAIN_CLASS_FOR[_base_sync_class(module)]
     reverted = _move_state(module, target)
     reverted.__dict__.pop("_syncbn_converted_from", None)
+    if isinstance(reverted, nn.SyncBatchNorm):
+        reverted.__dict__.setdefault("process_group", None)  # its forward reads it
     return reverted
 
 

@@ -69,6 +69,11 @@ class _SynchronizedSubclass:
     _syncbn_synchronized = True
     _syncbn_original_class: type[nn.Module]
 
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # The class is made at run time, so pickle it by its original class, which
+        # pickle can find by name; loading re-creates the synchronized subclass.
+        return (_new_synchronized, (self._syncbn_original_class,), self.__dict__)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         replica = replica_context(self)  # type: ignore[arg-type]
         if replica is None or replica.world_size == 1:
@@ -88,6 +93,12 @@ class _SynchronizedSubclass:
                 "cannot be synchronized; revert it with syncbn.revert_model or call F.batch_norm in its forward"
             )
         return output
+
+
+def _new_synchronized(original_class: type[nn.Module]) -> nn.Module:
+    """Unpickling helper: an empty instance of the synchronized subclass of ``original_class``."""
+    cls = synchronized_class(original_class)
+    return cls.__new__(cls)
 
 
 @cache

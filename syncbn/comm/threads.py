@@ -69,7 +69,7 @@ class ReplicaGroup:
         >>> threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
         >>> for t in threads: t.start()
         >>> for t in threads: t.join()
-        >>> out
+        >>> dict(sorted(out.items()))
         {0: 3, 1: 3}
     """
 
