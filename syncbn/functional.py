@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from syncbn.comm.threads import ReplicaContext
-from syncbn.stats import BatchStatistics, channel_view, local_statistics
+from syncbn.stats import BatchStatistics, channel_view, compute_dtype, local_statistics
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
 # unsynchronized path must still reach torch's own kernel.
@@ -84,11 +84,13 @@ def _normalize(
     input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     # (x - mean) * scale rather than x * scale + shift: the latter cancels
-    # catastrophically when |mean| >> std.
+    # catastrophically when |mean| >> std. Statistics arrive in float64 and are
+    # rounded once to the compute dtype.
+    dtype = compute_dtype(input.dtype)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    output = (input.to(mean.dtype) - channel_view(mean, input)) * channel_view(scale, input)
+        scale = scale * weight
+    output = (input.to(dtype) - channel_view(mean.to(dtype), input)) * channel_view(scale.to(dtype), input)
     if bias is not None:
-        output = output + channel_view(bias.to(output.dtype), input)
+        output = output + channel_view(bias.to(dtype), input)
     return output.to(input.dtype)

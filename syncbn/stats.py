@@ -28,8 +28,8 @@ class BatchStatistics(NamedTuple):
 
     Attributes:
         count: values per channel (a Python int, the same for every channel).
-        mean: per-channel mean, shape ``(C,)``, in the statistics dtype.
-        m2: per-channel sum of squared deviations from ``mean``, shape ``(C,)``.
+        mean: per-channel mean, shape ``(C,)``, float64.
+        m2: per-channel sum of squared deviations from ``mean``, shape ``(C,)``, float64.
     """
 
     count: int
@@ -37,11 +37,11 @@ class BatchStatistics(NamedTuple):
     m2: Tensor
 
 
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics are accumulated in: float64 stays, everything else is float32.
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions over the batch run in: float64 stays, everything else is float32.
 
     Example:
-        >>> statistics_dtype(torch.bfloat16)
+        >>> compute_dtype(torch.bfloat16)
         torch.float32
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -68,10 +68,16 @@ def channel_view(stat: Tensor, input: Tensor) -> Tensor:
 
 
 def local_statistics(input: Tensor) -> BatchStatistics:
-    """Count, mean and M2 per channel of ``input``, computed in the statistics dtype.
+    """Count, mean and M2 per channel of ``input``.
 
-    Two passes (mean, then squared deviations) keep M2 accurate for offset inputs. An
-    empty input gives zeros, so that it can join a merge with weight ``count=0``.
+    The passes over the batch run in float32 (float64 for float64 input); the ``(C,)``
+    results are float64. Why: a float32 mean near 1e4 is off by up to 5e-4 from rounding
+    alone, and merging replicas multiplies that into M2 through ``(mean_i - mean)^2``. So
+    the mean is taken twice: a rounded ``center``, then the exact mean of ``x - center``
+    (exact in float32 while |x - mean| << |mean|); their float64 sum is the mean to full
+    precision, at the cost of one extra per-channel sum over the batch.
+
+    An empty input gives zeros, so that it can join a merge with weight ``count=0``.
 
     Args:
         input: tensor of shape ``(N, C, *)``, any floating dtype and memory format.
@@ -86,14 +92,18 @@ def local_statistics(input: Tensor) -> BatchStatistics:
     """
     channels = input.size(1)
     count = input.numel() // channels if channels else 0
-    dtype = statistics_dtype(input.dtype)
     if count == 0:
-        zeros = torch.zeros(channels, dtype=dtype, device=input.device)
+        zeros = torch.zeros(channels, dtype=torch.float64, device=input.device)
         return BatchStatistics(0, zeros, zeros)
-    values = input.to(dtype)
+    values = input.to(compute_dtype(input.dtype))
     dims = reduced_dims(input)
-    mean = values.mean(dims)
-    m2 = (values - channel_view(mean, values)).square().sum(dims)
+    with torch.no_grad():  # a constant: the gradient flows through the exact terms below
+        center = values.mean(dims)
+    centered = values - channel_view(center, values)
+    correction = centered.mean(dims).double()
+    mean = center.double() + correction
+    # sum (x - center)^2 = M2 + n * (mean - center)^2
+    m2 = centered.square().sum(dims).double() - count * correction.square()
     return BatchStatistics(count, mean, m2)
 
 

@@ -76,7 +76,16 @@ def test_constructor_signature_equals_torch(sync_cls, torch_cls):
     sync_sig, torch_sig = inspect.signature(sync_cls), inspect.signature(torch_cls)
     assert sync_sig == torch_sig
     params = sync_sig.parameters
-    assert list(params) == ["num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias"]
+    assert list(params) == [
+        "num_features",
+        "eps",
+        "momentum",
+        "affine",
+        "track_running_stats",
+        "device",
+        "dtype",
+        "bias",
+    ]
     assert [p.default for p in params.values()][1:] == [1e-5, 0.1, True, True, None, None, True]
     assert params["bias"].kind is inspect.Parameter.KEYWORD_ONLY
     assert params["num_features"].default is inspect.Parameter.empty

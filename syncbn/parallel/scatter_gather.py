@@ -70,7 +70,9 @@ def gather(outputs: Sequence[Any], device: torch.device, dim: int = 0) -> Any:
         moved = [out.to(device) for out in outputs]
         if first.dim() == 0:
             return torch.stack(moved)
-        return torch.cat(moved, dim)
+        # torch.cat drops channels_last when one part is empty; empty shards add nothing.
+        nonempty = [out for out in moved if out.numel() > 0]
+        return torch.cat(nonempty or moved, dim)
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(gather(parts, device, dim) for parts in zip(*outputs, strict=False)))
     if isinstance(first, (tuple, list)):
