@@ -101,10 +101,10 @@ class ReplicaGroup:
             call = self._calls[(rank, layer)]
             self._calls[(rank, layer)] += 1
             key = (layer, call)
-            if self._abort is not None:
-                raise self._error(key, self._slots.get(key, _Slot()))
             slot = self._slots.setdefault(key, _Slot())
             slot.values[rank] = value
+            if self._abort is not None:
+                raise self._error(key, slot)
             if len(slot.values) < self.world_size:
                 return self._wait(rank, key, slot)
         # Last to arrive: combine outside the lock so waiting threads are not blocked.
