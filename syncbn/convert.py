@@ -122,14 +122,30 @@ def _replace_tree(module: nn.Module, replace_layer, memo: dict[int, nn.Module]) 
     return replaced
 
 
-def _convert_layer(module: nn.Module) -> nn.Module:
+def conversion_target(module: nn.Module) -> str | None:
+    """The class name ``convert_model`` turns ``module`` into; None if it stays as it is.
+
+    Raises:
+        ValueError: ``module`` is a BatchNorm that cannot be converted (uninitialized lazy).
+
+    Example:
+        >>> conversion_target(nn.BatchNorm2d(3)), conversion_target(nn.ReLU())
+        ('SyncBatchNorm2d', None)
+    """
     if not isinstance(module, _BatchNorm) or getattr(module, "_syncbn_synchronized", False):
-        return module
+        return None
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(
             f"cannot convert an uninitialized {type(module).__name__}: run one forward pass first "
             "so that its number of features is known"
         )
+    target = SYNC_CLASS_FOR.get(type(module))
+    return target.__name__ if target is not None else f"Synchronized{type(module).__name__}"
+
+
+def _convert_layer(module: nn.Module) -> nn.Module:
+    if conversion_target(module) is None:
+        return module
     target = SYNC_CLASS_FOR.get(type(module))
     if target is None:
         module.__class__ = synchronized_class(type(module))

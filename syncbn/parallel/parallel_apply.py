@@ -20,6 +20,21 @@ from torch import nn
 from syncbn.comm.threads import ReplicaGroup
 from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
 
+_current = threading.local()
+
+
+def current_replica() -> int | None:
+    """The rank of the replica running on this thread, or None outside ``parallel_apply``.
+
+    Lets forward hooks on a replicated model tell replicas apart (hooks registered on the
+    master fire on every replica, with the replica's module).
+
+    Example:
+        >>> current_replica() is None
+        True
+    """
+    return getattr(_current, "rank", None)
+
 
 def parallel_apply(
     replicas: Sequence[nn.Module],
@@ -57,6 +72,7 @@ def parallel_apply(
     def work(rank: int) -> None:
         device = devices[rank]
         enabled, dtype = autocast[device.type]
+        _current.rank = rank
         try:
             with (
                 torch.set_grad_enabled(grad_enabled),

@@ -1,0 +1,75 @@
+"""An inventory of a model's BatchNorm layers: what they are and what conversion makes of them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from syncbn.convert import conversion_target
+from syncbn.parallel.data_parallel import is_synchronized
+
+
+@dataclass(frozen=True)
+class BatchNormLayer:
+    """One BatchNorm layer of a model.
+
+    Attributes:
+        name: qualified name in the model (``"layer1.0.bn1"``).
+        kind: its class name.
+        num_features, eps, momentum, affine, bias, track_running_stats: its configuration.
+        synchronized: it already synchronizes (a SyncBN or a converted subclass).
+        converts_to: the class ``convert_model`` makes of it (None when nothing changes).
+        problem: why it cannot be converted, if it cannot.
+    """
+
+    name: str
+    kind: str
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    bias: bool
+    track_running_stats: bool
+    synchronized: bool
+    converts_to: str | None
+    problem: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def batch_norm_layers(model: nn.Module) -> list[BatchNormLayer]:
+    """Every BatchNorm layer of ``model`` (subclasses and SyncBN included), in module order.
+
+    Example:
+        >>> layers = batch_norm_layers(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+        >>> [(layer.name, layer.kind, layer.converts_to) for layer in layers]
+        [('1', 'BatchNorm2d', 'SyncBatchNorm2d')]
+    """
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _BatchNorm):
+            continue
+        try:
+            target, problem = conversion_target(module), None
+        except ValueError as error:
+            target, problem = None, str(error)
+        layers.append(
+            BatchNormLayer(
+                name=name or "<root>",
+                kind=type(module).__name__,
+                num_features=module.num_features,
+                eps=module.eps,
+                momentum=module.momentum,
+                affine=module.affine,
+                bias=module.bias is not None,
+                track_running_stats=module.track_running_stats,
+                synchronized=is_synchronized(module),
+                converts_to=target,
+                problem=problem,
+            )
+        )
+    return layers

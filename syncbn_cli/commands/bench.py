@@ -1,0 +1,8 @@
+"""`syncbn bench` (placeholder until implemented)."""
+
+from syncbn_cli.errors import BadInput
+
+
+def bench() -> None:
+    """Not implemented yet."""
+    raise BadInput("syncbn bench is not implemented yet")

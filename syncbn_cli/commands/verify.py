@@ -1,0 +1,8 @@
+"""`syncbn verify` (placeholder until implemented)."""
+
+from syncbn_cli.errors import BadInput
+
+
+def verify() -> None:
+    """Not implemented yet."""
+    raise BadInput("syncbn verify is not implemented yet")

@@ -1,0 +1,28 @@
+"""The ``syncbn`` typer application: registers the commands; errors map to exit codes in errors.py."""
+
+from __future__ import annotations
+
+import typer
+
+from syncbn_cli.commands.bench import bench
+from syncbn_cli.commands.convert import convert
+from syncbn_cli.commands.inspect import inspect
+from syncbn_cli.commands.revert import revert
+from syncbn_cli.commands.verify import verify
+from syncbn_cli.errors import exits_cleanly
+
+app = typer.Typer(
+    name="syncbn",
+    help="Synchronized BatchNorm for PyTorch: convert a model's BatchNorm layers, verify that R replicas "
+    "train exactly like one device on the whole batch, save the weights, and benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for command in (convert, verify, bench, inspect, revert):
+    app.command(command.__name__)(exits_cleanly(command))
+
+
+def main() -> None:
+    """Entry point of the ``syncbn`` console script and of ``python -m syncbn_cli``."""
+    app(prog_name="syncbn")

@@ -1,0 +1,60 @@
+"""Output for people (rich tables on stdout, progress and diagnostics on stderr) and machines.
+
+``--json`` output is written with ``json.dumps`` straight to stdout, never through rich,
+which would wrap long lines and swallow ``[...]`` as markup.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def print_json(document: Any) -> None:
+    """Write ``document`` as one JSON document on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def print_csv(rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` (dicts with the same keys) as CSV with a header on stdout."""
+    if not rows:
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def make_table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    """A rich table with the given column headers; cells are shown with ``format_cell``."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(format_cell(cell) for cell in row))
+    return table
+
+
+def format_cell(value: Any) -> str:
+    """How one value reads in a table: floats in short scientific form, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if value != 0 else "0"
+    return str(value)
+
+
+def note(message: str) -> None:
+    """A diagnostic line on stderr (never mixed into results on stdout)."""
+    err_console.print(message, markup=False)
