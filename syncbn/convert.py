@@ -11,7 +11,7 @@ What a conversion keeps, and why:
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -57,7 +57,7 @@ _HOOK_ATTRIBUTES = (
 _OWN_ATTRIBUTES = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"}
 
 
-def convert_model(module: M) -> nn.Module:
+def convert_model(module: M, *, process_group: Any = None) -> nn.Module:
     """Replace every BatchNorm layer in ``module`` by its synchronized counterpart.
 
     Converts ``nn.BatchNorm1d/2d/3d`` (to ``SyncBatchNorm1d/2d/3d``), ``nn.SyncBatchNorm``
@@ -68,6 +68,8 @@ def convert_model(module: M) -> nn.Module:
 
     Args:
         module: a model, a single BN layer, or an ``nn.DataParallel``.
+        process_group: the torch.distributed group the converted layers synchronize
+            over (the processes way); default: the default group, once initialized.
 
     Returns:
         The converted module. Parameters and buffers are the same objects as before.
@@ -81,11 +83,16 @@ def convert_model(module: M) -> nn.Module:
         ('SyncBatchNorm2d', True)
     """
     if isinstance(module, nn.DataParallel):
-        converted = convert_model(module.module)
+        converted = convert_model(module.module, process_group=process_group)
         return DataParallel(
             converted, module.device_ids or None, getattr(module, "output_device", None), getattr(module, "dim", 0)
         )
-    return _replace_tree(module, _convert_layer, {})
+    converted = _replace_tree(module, _convert_layer, {})
+    if process_group is not None:
+        for layer in converted.modules():
+            if getattr(layer, "_syncbn_synchronized", False):
+                layer.process_group = process_group
+    return converted
 
 
 def revert_model(module: M) -> nn.Module:

@@ -9,9 +9,13 @@ freely between the two.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from syncbn.comm.distributed import active_process_group
 from syncbn.comm.threads import replica_context
 from syncbn.functional import sync_batch_norm
 
@@ -19,9 +23,10 @@ from syncbn.functional import sync_batch_norm
 class SyncBatchNorm(_BatchNorm):
     r"""Batch normalization over ``(N, C, *)`` input with statistics synchronized across replicas.
 
-    Inside ``syncbn.DataParallel`` with R replicas, training-mode statistics are those of
-    the whole batch (all replicas), so R replicas compute what one device computes on the
-    full batch. Anywhere else it behaves exactly like ``nn.BatchNormNd``.
+    Inside ``syncbn.DataParallel`` with R replicas, or in a torch.distributed job of R
+    ranks, training-mode statistics are those of the whole batch (all replicas), so R
+    replicas compute what one device computes on the full batch. Anywhere else it
+    behaves exactly like ``nn.BatchNormNd``.
 
     Args:
         num_features: number of channels ``C``.
@@ -33,6 +38,8 @@ class SyncBatchNorm(_BatchNorm):
             statistics are used in eval mode too. Default: True.
         device, dtype: where and in which dtype to create parameters and buffers.
         bias: learn ``bias`` (only with ``affine``). Default: True.
+        process_group: the torch.distributed group to synchronize over. Default: the
+            default group, when one is initialized.
 
     Shape:
         - Input: ``(N, C, *)``; output: the same shape, dtype and memory format.
@@ -46,6 +53,24 @@ class SyncBatchNorm(_BatchNorm):
 
     # Marks modules that DataParallel binds to a replica group (see syncbn.parallel).
     _syncbn_synchronized = True
+    # Class-level default: converted modules are made without calling __init__.
+    process_group: dist.ProcessGroup | None = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -72,6 +97,7 @@ class SyncBatchNorm(_BatchNorm):
             exponential_average_factor,
             self.eps,
             replica=replica_context(self),
+            process_group=active_process_group(self.process_group) if bn_training else None,
         )
 
 

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from syncbn.comm.distributed import active_process_group
 from syncbn.comm.threads import ReplicaContext, replica_context
 from syncbn.errors import SyncBNError
 from syncbn.functional import sync_batch_norm, torch_batch_norm
@@ -31,7 +33,8 @@ from syncbn.functional import sync_batch_norm, torch_batch_norm
 @dataclass
 class _ActiveLayer:
     module: nn.Module
-    replica: ReplicaContext
+    replica: ReplicaContext | None
+    process_group: dist.ProcessGroup | None
     routed_calls: int = 0
 
 
@@ -54,7 +57,16 @@ def _routing_batch_norm(
     if layer is not None and _is_own_call(layer.module, running_mean, weight):
         layer.routed_calls += 1
         return sync_batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, replica=layer.replica
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            replica=layer.replica,
+            process_group=layer.process_group,
         )
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
@@ -76,9 +88,12 @@ class _SynchronizedSubclass:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         replica = replica_context(self)  # type: ignore[arg-type]
-        if replica is None or replica.world_size == 1:
+        if replica is not None and replica.world_size == 1:
+            replica = None
+        group = None if replica is not None else active_process_group(getattr(self, "process_group", None))
+        if replica is None and group is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
-        layer = _ActiveLayer(self, replica)  # type: ignore[arg-type]
+        layer = _ActiveLayer(self, replica, group)  # type: ignore[arg-type]
         stack = _active.__dict__.setdefault("stack", [])
         stack.append(layer)
         try:
@@ -87,8 +102,9 @@ class _SynchronizedSubclass:
             stack.pop()
         needs_batch_statistics = self.training or self.running_mean is None  # type: ignore[attr-defined]
         if needs_batch_statistics and layer.routed_calls == 0:
+            name = replica.layer if replica is not None else type(self).__name__
             raise SyncBNError(
-                f"layer '{replica.layer}' ({self._syncbn_original_class.__name__}) computed its output "
+                f"layer '{name}' ({self._syncbn_original_class.__name__}) computed its output "
                 "without calling torch.nn.functional.batch_norm on its own buffers, so its statistics "
                 "cannot be synchronized; revert it with syncbn.revert_model or call F.batch_norm in its forward"
             )

@@ -73,10 +73,12 @@ def assert_identical(actual, expected):
     ],
 )
 def test_constructor_signature_equals_torch(sync_cls, torch_cls):
-    sync_sig, torch_sig = inspect.signature(sync_cls), inspect.signature(torch_cls)
-    assert sync_sig == torch_sig
-    params = sync_sig.parameters
-    assert list(params) == [
+    """nn.BatchNormNd's parameters, in order, with its defaults, plus one keyword-only extra."""
+    sync_params = dict(inspect.signature(sync_cls).parameters)
+    extra = sync_params.pop("process_group")
+    assert extra.kind is inspect.Parameter.KEYWORD_ONLY and extra.default is None
+    torch_params = inspect.signature(torch_cls).parameters
+    assert list(sync_params) == list(torch_params) == [
         "num_features",
         "eps",
         "momentum",
@@ -86,9 +88,10 @@ def test_constructor_signature_equals_torch(sync_cls, torch_cls):
         "dtype",
         "bias",
     ]
-    assert [p.default for p in params.values()][1:] == [1e-5, 0.1, True, True, None, None, True]
-    assert params["bias"].kind is inspect.Parameter.KEYWORD_ONLY
-    assert params["num_features"].default is inspect.Parameter.empty
+    for name, param in torch_params.items():
+        assert (sync_params[name].kind, sync_params[name].default) == (param.kind, param.default), name
+    assert [p.default for p in sync_params.values()][1:] == [1e-5, 0.1, True, True, None, None, True]
+    assert sync_params["bias"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 @pytest.mark.parametrize("sync_cls", [syncbn.SyncBatchNorm, syncbn.SyncBatchNorm1d, syncbn.SyncBatchNorm2d])
