@@ -166,6 +166,22 @@ def run_case(name: str, rank: int, world: int, steps: int = 1) -> dict[str, obje
     }
 
 
+def run_subgroups(rank: int, world: int) -> dict[str, object]:
+    """Ranks {0, 1} and {2, 3} synchronize only within their pair (process_group=)."""
+    import syncbn
+
+    pairs = [list(range(start, min(start + 2, world))) for start in range(0, world, 2)]
+    groups = [dist.new_group(pair) for pair in pairs]  # every rank creates every group
+    model, x = CASES["bn2d"]()
+    cotangent = cotangent_for(copy.deepcopy(model)(x))
+    shard = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+    net = syncbn.convert_model(model, process_group=groups[rank // 2])
+    local_x = x[shard].clone().requires_grad_()
+    out = net(local_x)
+    out.backward(cotangent[shard])
+    return {"shard": shard, "output": [out.detach()], "input_grad": [local_x.grad], "pairs": pairs}
+
+
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -173,7 +189,12 @@ def main() -> None:
         "gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("SYNCBN_TEST_TIMEOUT", 60)))
     )
     try:
-        results = {name: run_case(name, rank, world, steps=3 if name == "training" else 1) for name in names}
+        results = {
+            name: run_subgroups(rank, world)
+            if name == "subgroups"
+            else run_case(name, rank, world, 3 * (name == "training") or 1)
+            for name in names
+        }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -88,7 +88,9 @@ SINGLE_STEP = ["bn1d_2d", "bn1d_3d", "bn2d", "bn3d", "uneven", "variants", "call
 def job(request, tmp_path_factory):
     world = request.param
     out_dir = tmp_path_factory.mktemp(f"gloo{world}")
-    names = [*SINGLE_STEP, "offset_float32", "bfloat16", "training"] + (["empty_shards"] if world == 4 else [])
+    names = [*SINGLE_STEP, "offset_float32", "bfloat16", "training"] + (
+        ["empty_shards", "subgroups"] if world == 4 else []
+    )
     results = launch(world, out_dir, names)
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stderr[-3000:]}"
@@ -118,6 +120,23 @@ def test_matches_full_batch(job, name):
             torch.testing.assert_close(rank[name]["buffers"][key], buffer, **FLOAT64)
     if name == "channels_last":
         assert all(rank[name]["channels_last"] for rank in ranks)
+
+
+def test_sub_groups_synchronize_only_within_themselves(job):
+    world, ranks = job
+    if world != 4:
+        pytest.skip("needs 4 ranks for two pairs")
+    model, x = cases.CASES["bn2d"]()
+    cotangent = cases.cotangent_for(copy.deepcopy(model)(x))
+    for pair in ranks[0]["subgroups"]["pairs"]:
+        rows = torch.cat([ranks[r]["subgroups"]["shard"] for r in pair])
+        xr = x[rows].clone().requires_grad_()
+        out = copy.deepcopy(model)(xr)
+        out.backward(cotangent[rows])
+        torch.testing.assert_close(torch.cat([ranks[r]["subgroups"]["output"][0] for r in pair]), out, **FLOAT64)
+        torch.testing.assert_close(
+            torch.cat([ranks[r]["subgroups"]["input_grad"][0] for r in pair]), xr.grad, **FLOAT64
+        )
 
 
 def test_offset_inputs_are_as_accurate_as_torch(job):
