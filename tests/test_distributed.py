@@ -198,3 +198,31 @@ def test_rank_that_never_arrives_fails_the_others_within_the_group_timeout(tmp_p
     assert results[0].returncode != 0, "rank 0 finished although its peer never joined"
     assert "timed out" in results[0].stderr.lower() or "timeout" in results[0].stderr.lower()
     assert time.monotonic() - start < 90
+
+
+def test_torchrun_example_trains_like_one_device():
+    example = Path(__file__).parent.parent / "examples" / "torchrun_train.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            str(example),
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line.split(" vs ")[0].strip(): line for line in result.stdout.splitlines() if " vs one device" in line}
+    synced = float(lines["SyncBN"].split("max |param diff| ")[1].split(",")[0])
+    unsynced = float(lines["plain BN"].split("max |param diff| ")[1].split(",")[0])
+    assert synced < 1e-12 < 1e-4 < unsynced
