@@ -23,7 +23,7 @@ class BadInput(Exception):
 
 
 def exits_cleanly(command: F) -> F:
-    """Turn ``BadInput`` (and library argument errors) into one line on stderr and exit code 2.
+    """Turn ``BadInput`` into one line on stderr (``error: ...``) and exit code 2.
 
     Example:
         >>> @exits_cleanly

@@ -17,13 +17,16 @@ failure never leaves a partial file.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
 import os
 import pickle
+import pickletools
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -72,14 +75,33 @@ def load_model(
         return LoadedModel(built, None, factory, input_shape)
     content = read_checkpoint(source, trust_pickle=trust_pickle, key=key)
     if isinstance(content, nn.Module):
-        return LoadedModel(content, source, None, None)
+        return LoadedModel(_unwrap_parallel(content), source, None, None)
     if built is None:
+        instead = ", instead of --trust-pickle" if trust_pickle else ""
         raise BadInput(
             f"{source} holds a state dict ({len(content)} tensors) but no architecture: "
-            "pass --factory MOD:FN naming a function that builds the model"
+            f"pass --factory MOD:FN naming a function that builds the model{instead}"
         )
     load_state_dict_strictly(built, content, source)
     return LoadedModel(built, source, factory, input_shape)
+
+
+def default_output_path(source: Path) -> Path:
+    """Where ``convert`` writes when no ``-o`` is given: ``<stem>.syncbn.safetensors`` beside ``source``.
+
+    Example:
+        >>> default_output_path(Path("runs/model.pt")).as_posix()
+        'runs/model.syncbn.safetensors'
+    """
+    return source.with_name(f"{source.stem}.syncbn.safetensors")
+
+
+def _unwrap_parallel(model: nn.Module) -> nn.Module:
+    # A pickled nn.DataParallel/DDP model: work on (and save) the model inside, so the
+    # written keys carry no "module." prefix.
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
 
 
 # ------------------------------------------------------------------------------ factories
@@ -91,7 +113,7 @@ def build_from_factory(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     try:
         model = factory()
     except Exception as error:  # noqa: BLE001 - the user's code: report, don't crash
-        raise BadInput(f"factory {spec} raised {type(error).__name__}: {error}") from None
+        raise BadInput(f"factory {spec} raised {type(error).__name__}: {_one_line(error)}") from None
     if not isinstance(model, nn.Module):
         raise BadInput(f"factory {spec} returned {type(model).__name__}, expected a torch.nn.Module")
     shape = getattr(factory, "input_shape", None)
@@ -119,25 +141,32 @@ def _import_module(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
+        if error.name is not None and not (name == error.name or name.startswith(error.name + ".")):
+            raise BadInput(f"importing {name} failed: it needs module {error.name!r}, which is not installed") from None
         raise BadInput(
             f"cannot import {name} ({error}); run from the directory that contains it, "
             "or pass a file path such as path/to/models.py:build"
         ) from None
     except Exception as error:  # noqa: BLE001 - the user's module failed while importing
-        raise BadInput(f"importing {name} raised {type(error).__name__}: {error}") from None
+        raise BadInput(f"importing {name} raised {type(error).__name__}: {_one_line(error)}") from None
 
 
 def _import_file(path_text: str) -> Any:
     path = Path(path_text)
     if not path.is_file():
         raise BadInput(f"factory file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"syncbn_factory_{abs(hash(path.resolve()))}", path)
+    module_name = f"syncbn_factory_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    # Registered before running it, as `import` does: dataclasses and pickle look the
+    # module up in sys.modules.
+    sys.modules[module_name] = module
     sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
     except Exception as error:  # noqa: BLE001 - the user's file failed while importing
-        raise BadInput(f"importing {path} raised {type(error).__name__}: {error}") from None
+        del sys.modules[module_name]
+        raise BadInput(f"importing {path} raised {type(error).__name__}: {_one_line(error)}") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
     return module
@@ -150,10 +179,7 @@ def read_checkpoint(
     path: Path, *, trust_pickle: bool = False, key: str | None = None
 ) -> Mapping[str, Tensor] | nn.Module:
     """A state dict (unwrapped from a training checkpoint) or, with ``trust_pickle``, a module."""
-    if not path.exists():
-        raise BadInput(f"{path}: no such file")
-    if not path.is_file():
-        raise BadInput(f"{path} is not a file")
+    check_readable(path)
     if path.suffix == ".safetensors":
         content: Any = _read_safetensors(path)
     else:
@@ -163,58 +189,153 @@ def read_checkpoint(
     return _find_state_dict(content, path, key)
 
 
+def check_readable(path: Path) -> None:
+    """Fail early, before any work, if ``path`` is not a file this process can read."""
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    if not path.is_file():
+        raise BadInput(f"{path} is not a file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise BadInput(f"cannot open {path}: {error.strerror or error}") from None
+
+
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise BadInput(f"cannot read {path} as safetensors ({error}); is the file complete?") from None
+        raise _unreadable_safetensors(path, error) from None
+
+
+def _unreadable_safetensors(path: Path, error: Exception) -> BadInput:
+    return BadInput(
+        f"cannot read {path} as safetensors ({_one_line(error)}): the file is truncated or not a safetensors file"
+    )
 
 
 def _read_torch_file(path: Path, trust_pickle: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():
+            # torch warns about every pickle protocol but 2; whether it could read the file
+            # is what the user needs to know, and _refused_pickle says it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError:
         if not trust_pickle:
-            held = _pickled_classes(path)
-            if held:
-                raise BadInput(
-                    f"{path} holds a pickled {held[0]} (a whole object, not a state dict); unpickling runs "
-                    "arbitrary code, so it was not loaded. If you trust the file, pass --trust-pickle; "
-                    "better, save model.state_dict() and pass --factory MOD:FN"
-                ) from None
-        raise BadInput(f"cannot read {path} as a PyTorch checkpoint; is it a complete .pt file?") from None
-    except (
-        RuntimeError,
-        OSError,
-        EOFError,
-        ValueError,
-        zipfile.BadZipFile,
-        AttributeError,
-        ModuleNotFoundError,
-    ) as error:
+            raise _refused_pickle(path) from None
+        raise _damaged(path) from None
+    except (ModuleNotFoundError, AttributeError) as error:
+        # Only a trusted unpickle imports classes; this one names code that is not importable here.
         raise BadInput(
-            f"cannot read {path} as a PyTorch checkpoint ({type(error).__name__}: {error}); is the file complete?"
+            f"cannot unpickle {path}: {_one_line(error)}; run where the model's code is importable, "
+            "or save model.state_dict() and pass --factory MOD:FN"
         ) from None
+    except (OSError, EOFError, zipfile.BadZipFile):
+        # Their messages ("[Errno 22] Invalid argument", "Ran out of input") say nothing more.
+        raise _damaged(path) from None
+    except (RuntimeError, ValueError) as error:
+        raise _damaged(path, _one_line(error)) from None
 
 
-def _pickled_classes(path: Path) -> list[str]:
-    """Classes a pickle would import, the user's own first (without unpickling anything)."""
+def _damaged(path: Path, detail: str | None = None) -> BadInput:
+    detail = f" ({detail})" if detail else ""
+    return BadInput(
+        f"cannot read {path} as a PyTorch checkpoint{detail}: the file is truncated or not a torch.save file"
+    )
+
+
+def _refused_pickle(path: Path) -> BadInput:
+    """Why ``torch.load(weights_only=True)`` refused ``path``: a pickled object, a protocol it cannot read, or damage.
+
+    The pickle is parsed, never run: naming the class costs no trust.
+    """
+    parsed = _parse_torch_pickle(path)
+    if parsed is None:
+        return _damaged(path)
+    protocol, names = parsed
+    # The first class the pickle imports is the outermost object's: the model, for torch.save(model).
+    refused = [name for name in names if not _is_safe_global(name)]
+    if refused:
+        return BadInput(
+            f"{path} holds a pickled {refused[0]} (a whole object, not a state dict); it was not loaded because "
+            "unpickling runs arbitrary code. If you trust the file, pass --trust-pickle; safer, save "
+            "model.state_dict() and pass --factory MOD:FN"
+        )
+    if protocol > 3:
+        return BadInput(
+            f"{path} was saved with pickle protocol {protocol}, which torch.load(weights_only=True) cannot read; "
+            "save it again with torch.save and the default protocol"
+        )
+    return _damaged(path)
+
+
+def _parse_torch_pickle(path: Path) -> tuple[int, list[str]] | None:
+    """The pickle protocol of a torch.save (zip) file and the globals it imports, in order; None if unreadable."""
     try:
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # noqa: BLE001 - not a readable pickle: nothing to name
-        return []
-    return sorted(names, key=lambda name: (name.startswith(("torch.", "collections.", "builtins.")), name))
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"))
+        return _pickle_globals(data)
+    except Exception:  # noqa: BLE001 - damaged or not a zip-format torch file: nothing to name
+        return None
+
+
+def _pickle_globals(data: bytes) -> tuple[int, list[str]]:
+    """Protocol and ``module.name`` of each global a pickle imports (``pickletools`` parses, never runs)."""
+    protocol, names, strings, memo = 0, [], [], {}
+    last: str | None = None
+    for opcode, argument, _ in pickletools.genops(data):
+        pushed = None
+        if opcode.name == "PROTO":
+            protocol = int(argument)
+        elif opcode.name == "GLOBAL":
+            names.append(str(argument).replace(" ", ".", 1).replace("__builtin__.", "builtins.", 1))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif opcode.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            memo[len(memo) if opcode.name == "MEMOIZE" else argument] = last
+            continue  # stores the top of the stack, pushes nothing
+        elif opcode.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed = memo.get(argument)
+        elif isinstance(argument, str) and "UNICODE" in opcode.name:
+            pushed = argument
+        if isinstance(pushed, str):
+            strings.append(pushed)
+        last = pushed
+    return protocol, names
+
+
+def _is_safe_global(name: str) -> bool:
+    """Whether ``torch.load(weights_only=True)`` would import ``name`` (tensor rebuilding, containers)."""
+    return name in _safe_global_names() or name.startswith("torch._utils.") or name.endswith("Storage")
+
+
+@functools.cache
+def _safe_global_names() -> frozenset[str]:
+    try:  # private, but the very list torch checks; the fallback in _is_safe_global covers its absence
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        names = set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001
+        names = {"collections.OrderedDict", "torch.Size", "torch.device", "torch.nn.parameter.Parameter"}
+    for entry in torch.serialization.get_safe_globals():
+        target = entry[0] if isinstance(entry, tuple) else entry
+        names.add(f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}")
+    return frozenset(names)
 
 
 def _find_state_dict(content: Any, path: Path, key: str | None) -> dict[str, Tensor]:
     if not isinstance(content, Mapping):
         raise BadInput(f"{path} is not a checkpoint: it holds a {type(content).__name__}, not a state dict")
+    if not content:
+        raise BadInput(f"{path} is not a checkpoint: it holds an empty dict")
     if key is not None:
         if key not in content:
             raise BadInput(f"{path} has no key {key!r}; its keys: {_listing(map(str, content))}")
         content = content[key]
     elif not _is_state_dict(content):
-        found = next((k for k in NESTED_STATE_DICT_KEYS if k in content and _is_state_dict(content[k])), None)
+        found = next((k for k in NESTED_STATE_DICT_KEYS if k in content and _holds_weights(content[k])), None)
         if found is None:
             raise BadInput(
                 f"{path} is not a state dict and none of its keys ({_listing(map(str, content))}) holds one; "
@@ -226,6 +347,11 @@ def _find_state_dict(content: Any, path: Path, key: str | None) -> dict[str, Ten
     if not _is_state_dict(content):
         raise BadInput(f"{path}: {key!r} does not hold a state dict of tensors")
     return _strip_wrapper_prefixes(dict(content))
+
+
+def _holds_weights(value: Any) -> bool:
+    # A module only arrives here from a trusted unpickle ({"model": model, "epoch": 3}).
+    return _is_state_dict(value) or isinstance(value, nn.Module)
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -242,7 +368,9 @@ def _strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Tensor], source: Path) -> None:
     """Load ``state_dict`` into ``model``, listing every missing, unexpected or misshapen key."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    # torch fills in a missing BN num_batches_tracked (checkpoints from before it existed,
+    # exporters that drop it) with 0: not worth refusing a file for.
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
     misshapen = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
@@ -270,22 +398,31 @@ def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Tensor],
 
 def check_writable(path: Path, *, force: bool) -> None:
     """Fail early, before any work, if ``path`` cannot be written."""
-    if path.exists() and not force:
-        raise BadInput(f"{path} exists; pass --force to overwrite it")
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory; name the output file, e.g. {path / 'model.syncbn.safetensors'}")
     if path.exists() and not path.is_file():
         raise BadInput(f"{path} exists and is not a file")
+    if path.exists() and not force:
+        raise BadInput(f"{path} exists; pass --force to overwrite it")
     if not path.parent.is_dir():
         raise BadInput(f"cannot write {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {path}: directory {path.parent} is not writable")
 
 
 def save_weights(state_dict: Mapping[str, Tensor], path: Path, metadata: Mapping[str, Any], *, force: bool) -> None:
     """Write ``state_dict`` to ``path`` atomically: safetensors (metadata under "syncbn"), or .pt.
 
-    Safetensors needs contiguous tensors that share no storage, so each is copied.
+    Safetensors needs contiguous tensors that share no storage, so each is copied. The
+    file is written beside ``path`` under a temporary name and renamed into place, so a
+    failure leaves neither a partial file nor the temporary one.
     """
     check_writable(path, force=force)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise BadInput(f"cannot write {path}: {error.strerror or error}") from None
     os.close(handle)
     try:
         if path.suffix == ".safetensors":
@@ -293,6 +430,9 @@ def save_weights(state_dict: Mapping[str, Tensor], path: Path, metadata: Mapping
         else:
             torch.save(tensors, temp_name)
         os.replace(temp_name, path)
+    except OSError as error:
+        Path(temp_name).unlink(missing_ok=True)
+        raise BadInput(f"cannot write {path}: {error.strerror or _one_line(error)}") from None
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
@@ -300,14 +440,36 @@ def save_weights(state_dict: Mapping[str, Tensor], path: Path, metadata: Mapping
 
 def read_syncbn_metadata(path: Path) -> dict[str, Any] | None:
     """The metadata ``save_weights`` recorded in a safetensors file, or None."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        raw = (handle.metadata() or {}).get("syncbn")
-    return json.loads(raw) if raw else None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            raw = (handle.metadata() or {}).get("syncbn")
+    except (SafetensorError, OSError) as error:
+        raise _unreadable_safetensors(path, error) from None
+    if not raw:
+        return None
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        return None  # someone else's "syncbn" entry: not ours to interpret
+    return metadata if isinstance(metadata, dict) else None
 
 
 def _listing(names: Any) -> str:
     names = list(names)
     shown = ", ".join(names[:SHOWN])
     return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "") if names else "(none)"
+
+
+def _one_line(error: object) -> str:
+    """An exception's message on one line (torch's messages span several)."""
+    return " ".join(str(error).split())
+
+
+def qualified_class_name(model: nn.Module) -> str:
+    """``module.Class`` of ``model``, as a pickle or a log names it.
+
+    Example:
+        >>> qualified_class_name(nn.BatchNorm2d(3))
+        'torch.nn.modules.batchnorm.BatchNorm2d'
+    """
+    return f"{type(model).__module__}.{type(model).__qualname__}"

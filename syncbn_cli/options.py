@@ -10,6 +10,7 @@ import typer
 Source = Annotated[
     Path,
     typer.Argument(
+        metavar="SRC",
         help="Checkpoint: a .safetensors or .pt state dict (architecture from --factory), a training "
         "checkpoint holding one, or a pickled whole model (only with --trust-pickle).",
         show_default=False,
@@ -18,6 +19,7 @@ Source = Annotated[
 OptionalSource = Annotated[
     Path | None,
     typer.Argument(
+        metavar="[SRC]",
         help="Checkpoint as for `syncbn convert`; omit it to use --factory alone (default: the bundled sample model).",
         show_default=False,
     ),
@@ -61,4 +63,22 @@ Replicas = Annotated[
 Devices = Annotated[
     str,
     typer.Option("--devices", help="Where replicas run: cpu or cuda."),
+]
+ConvertOutput = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="File to write (default: <stem>.syncbn.safetensors beside SRC).",
+        show_default=False,
+    ),
+]
+RequiredOutput = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        help="File to write: .safetensors, or a torch state dict for any other suffix (.pt).",
+        show_default=False,
+    ),
 ]

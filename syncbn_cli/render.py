@@ -15,8 +15,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (CI logs, files) gets a wide page instead of rich's 80 columns, so tables
+# with many columns stay readable; a terminal keeps its own width.
+_PIPED_WIDTH = 160
+console = Console(highlight=False, width=None if sys.stdout.isatty() else _PIPED_WIDTH)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _PIPED_WIDTH)
 
 
 def print_json(document: Any) -> None:
@@ -57,4 +60,4 @@ def format_cell(value: Any) -> str:
 
 def note(message: str) -> None:
     """A diagnostic line on stderr (never mixed into results on stdout)."""
-    err_console.print(message, markup=False)
+    err_console.print(message, markup=False, soft_wrap=True)
