@@ -19,7 +19,7 @@ Source = Annotated[
 OptionalSource = Annotated[
     Path | None,
     typer.Argument(
-        metavar="[SRC]",
+        metavar="SRC",
         help="Checkpoint as for `syncbn convert`; omit it to use --factory alone (default: the bundled sample model).",
         show_default=False,
     ),
@@ -79,6 +79,62 @@ RequiredOutput = Annotated[
         "--output",
         "-o",
         help="File to write: .safetensors, or a torch state dict for any other suffix (.pt).",
+        show_default=False,
+    ),
+]
+
+# ---------------------------------------------------------------- verify (and whoever else needs them)
+
+Backend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="How replicas talk: threads (one process; CUDA devices or virtual CPU replicas). "
+        "gloo and nccl (one process per replica) are not available in verify yet.",
+    ),
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="The whole batch B, split over the replicas (default: 2 per replica, the small per-replica "
+        "batches SyncBN is for).",
+        show_default=False,
+    ),
+]
+InputShape = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        help="One sample's shape without the batch dimension, sizes joined by x: 3x32x32 (default: the "
+        "shape the factory declares).",
+        show_default=False,
+    ),
+]
+Steps = Annotated[int, typer.Option("--steps", min=1, help="Training steps: forward, backward, SGD.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seeds the model's initialization, the inputs and the gradients.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="dtype to run in: float32, float64 or bfloat16.")]
+ReferenceDtype = Annotated[
+    str | None,
+    typer.Option(
+        "--reference-dtype",
+        help="dtype of the one-device reference (default: --dtype); float64 gives a near-exact reference.",
+        show_default=False,
+    ),
+]
+Rtol = Annotated[
+    float | None,
+    typer.Option(
+        "--rtol", help="Relative tolerance (default by dtype: float64 1e-7, float32 1e-4).", show_default=False
+    ),
+]
+Atol = Annotated[
+    float | None,
+    typer.Option(
+        "--atol",
+        help="Absolute tolerance, for tensors smaller than atol/rtol (default by dtype: float64 1e-7, float32 1e-4).",
         show_default=False,
     ),
 ]

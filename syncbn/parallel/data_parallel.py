@@ -67,7 +67,7 @@ class DataParallel(nn.Module):
         module: the module to replicate; its parameters and buffers must be on the first
             replica's device.
         device_ids: CUDA devices (ints or ``torch.device``). Default: all visible CUDA
-            devices, or the module's own device when there is no CUDA.
+            devices for a module on CUDA, else the module's own device (the CPU).
         output_device: where outputs are gathered. Default: the first replica's device.
         dim: the batch dimension inputs are split along. Default: 0.
         replicas: number of replicas, placed round-robin on ``device_ids`` (so several
@@ -146,9 +146,12 @@ def _resolve_devices(module: nn.Module, device_ids: Sequence[int | torch.device]
         if not devices:
             raise ValueError("device_ids must name at least one device (got an empty list)")
         return devices
-    if torch.cuda.is_available():
+    # Follow the module: on CUDA, every visible GPU (as nn.DataParallel); elsewhere its
+    # own device, so a CPU model gets virtual CPU replicas even on a machine with GPUs.
+    device = _device_of(module)
+    if device.type == "cuda":
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    return [_device_of(module)]
+    return [device]
 
 
 def _device_of(module: nn.Module) -> torch.device:

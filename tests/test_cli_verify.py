@@ -1,0 +1,213 @@
+"""`syncbn verify` through typer's CliRunner: exit codes, tables, JSON, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sample_models import SAMPLES
+from sample_models.resnet import resnet_tiny
+from syncbn.comm.threads import ReplicaContext
+from syncbn_cli.main import app
+
+runner = CliRunner()
+
+
+def verify(*args: str) -> object:
+    return runner.invoke(app, ["verify", *args])
+
+
+def verify_json(*args: str) -> dict:
+    result = verify(*args, "--json")
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def broken_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SyncBN with synchronization skipped: every replica keeps its own statistics."""
+    monkeypatch.setattr(ReplicaContext, "all_reduce_statistics", lambda self, local: local)
+
+
+def test_default_run_passes_on_the_bundled_model() -> None:
+    result = verify()
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.startswith("syncbn verify  sample_models.mixed:mixed_net (the bundled sample model)\n")
+    assert "SyncBN on 4 replicas (threads, virtual replicas on the CPU) vs one device on the full batch" in out
+    assert "batch 8 (2 per replica) · input 3x16x16 · float32 · 1 step" in out
+    for row in ("output", "input_grad", "parameter grads (18)", "buffer running_var (7)", "shared_bn (call 2)"):
+        assert row in out
+    assert "unsynced BN" in out and "FAIL" not in out
+    assert out.splitlines()[-1].startswith("PASS: SyncBN on 4 replicas matches one device on the full batch")
+    assert "unsynced BN differs by up to" in out.splitlines()[-1]
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_every_sample_passes_with_2_3_4_replicas(name: str, dtype: str) -> None:
+    for replicas in ("2", "3", "4"):
+        document = verify_json("--factory", SAMPLES[name], "--replicas", replicas, "--dtype", dtype)
+        assert document["passed"] is True, [c for c in document["checks"] + document["layers"] if not c["passed"]]
+        assert document["replicas"] == int(replicas) and document["dtype"] == dtype
+        assert document["unsynced"]["max_rel_err"] > document["max_rel_err"]
+        assert document["unsynced"]["passed"] is False
+
+
+def test_json_document() -> None:
+    document = verify_json("--replicas", "3", "--steps", "2", "--seed", "7", "--reference-dtype", "float64")
+    assert document["passed"] is True
+    assert {k: document[k] for k in ("replicas", "backend", "device", "batch_size", "steps", "seed")} == {
+        "replicas": 3,
+        "backend": "threads",
+        "device": "cpu",
+        "batch_size": 6,
+        "steps": 2,
+        "seed": 7,
+    }
+    assert (document["dtype"], document["reference_dtype"], document["rtol"], document["atol"]) == (
+        "float32",
+        "float64",
+        1e-4,
+        1e-4,
+    )
+    assert document["factory"] == "sample_models.mixed:mixed_net" and document["source"] is None
+    assert document["first_diverging_layer"] is None
+    names = [c["name"] for c in document["checks"]]
+    assert names[:2] == ["output", "input_grad"]
+    assert "grad/stem.weight" in names and "buffer/head_bn.num_batches_tracked" in names
+    assert all(set(c) == {"name", "max_abs_err", "max_rel_err", "tolerance", "passed"} for c in document["checks"])
+    assert [layer["name"] for layer in document["layers"]][:4] == [
+        "stem_bn",
+        "bn_act",
+        "shared_bn (call 1)",
+        "shared_bn (call 2)",
+    ]
+    assert [c["name"] for c in document["unsynced"]["checks"]] == names
+
+
+def test_broken_sync_exits_1_and_names_the_first_diverging_layer(broken_sync: None) -> None:
+    result = verify("--replicas", "2")
+    assert result.exit_code == 1, result.output
+    row = next(line for line in result.stdout.splitlines() if "FIRST DIVERGENCE" in line)
+    assert "stem_bn" in row
+    verdict = next(line for line in result.stdout.splitlines() if line.startswith("FAIL"))
+    assert verdict.startswith("FAIL: SyncBN on 2 replicas does not match one device: first divergence at layer stem_bn")
+    assert "hint: SyncBN's errors are those of unsynced BN" in result.stdout
+    document = verify_json("--replicas", "2")
+    assert document["passed"] is False and document["first_diverging_layer"] == "stem_bn"
+    assert document["layers"][0]["passed"] is False
+
+
+def test_broken_sync_on_resnet(broken_sync: None) -> None:
+    document = verify_json("--factory", "sample_models.resnet:resnet_tiny", "--replicas", "3")
+    assert document["passed"] is False and document["first_diverging_layer"] == "stem.1"
+
+
+def test_saved_state_dict_end_to_end(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    torch.save(resnet_tiny().state_dict(), tmp_path / "model.pt")
+    result = verify(str(tmp_path / "model.pt"), "--factory", "sample_models.resnet:resnet_tiny", "--replicas", "2")
+    assert result.exit_code == 0, result.output
+    assert f"{tmp_path / 'model.pt'} (sample_models.resnet:resnet_tiny)" in result.stdout
+    assert "PASS: SyncBN on 2 replicas" in result.stdout
+
+
+def test_input_shape_option_and_pickled_model(tmp_path: Path) -> None:
+    torch.save(resnet_tiny(), tmp_path / "whole.pt")
+    result = verify(str(tmp_path / "whole.pt"), "--trust-pickle", "--input-shape", "3x16x16", "--replicas", "2")
+    assert result.exit_code == 0, result.output
+    assert "input 3x16x16" in result.stdout
+
+
+def test_fewer_samples_than_replicas_warns() -> None:
+    result = verify("--factory", "sample_models.resnet:resnet_tiny", "--replicas", "4", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert "warning: batch size 2 is smaller than 4 replicas: replica(s) 2, 3 get empty shards" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--input-shape", "3x"], "error: --input-shape expects positive sizes joined by x"),
+        (["--input-shape", "3x0x4"], "error: --input-shape expects positive sizes joined by x"),
+        (
+            ["--input-shape", "5x8x8"],
+            "error: the model failed on one device with input of shape (8, 5, 8, 8) (step 1): RuntimeError:",
+        ),
+        (["--backend", "gloo"], "error: --backend gloo is not available in verify yet"),
+        (["--backend", "nccl"], "error: --backend nccl is not available in verify yet"),
+        (["--backend", "mpi"], "error: --backend must be one of threads, gloo, nccl (got 'mpi')"),
+        (["--devices", "tpu"], "error: --devices must be cpu or cuda (got 'tpu')"),
+        (["--dtype", "int8"], "error: --dtype must be one of float64, float32, bfloat16, float16 (got 'int8')"),
+        (["--reference-dtype", "double"], "error: --reference-dtype must be one of"),
+        (["--rtol", "-1"], "error: --rtol must be a number >= 0 (got -1.0)"),
+        (["--factory", "torch.nn:Identity", "--input-shape", "4"], "error: the model has no BatchNorm layers"),
+        (["missing.pt"], "error: missing.pt: no such file"),
+        (["--factory", "sample_models.nowhere:build"], "error: cannot import sample_models.nowhere"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = verify(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_state_dict_without_factory_and_factory_without_shape(tmp_path: Path) -> None:
+    torch.save(resnet_tiny().state_dict(), tmp_path / "model.pt")
+    result = verify(str(tmp_path / "model.pt"))
+    assert result.exit_code == 2 and "but no architecture: pass --factory MOD:FN" in result.stderr
+    (tmp_path / "models.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+    )
+    result = verify("--factory", f"{tmp_path / 'models.py'}:build")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: the model does not declare its input shape: pass --input-shape, e.g. 3x32x32 "
+        "(one sample, without the batch dimension)\n"
+    )
+    result = verify("--factory", f"{tmp_path / 'models.py'}:build", "--input-shape", "3x5x5", "--replicas", "2")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda() -> None:
+    result = verify("--devices", "cuda")
+    assert result.exit_code == 2
+    assert result.stderr == "error: --devices cuda: CUDA is not available on this machine; use --devices cpu\n"
+
+
+@pytest.mark.parametrize("option", ["--replicas", "--steps", "--batch-size"])
+def test_counts_below_one_are_usage_errors(option: str) -> None:
+    result = verify(option, "0")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "Invalid value" in result.stderr
+
+
+def test_help_documents_the_command_with_an_example() -> None:
+    result = runner.invoke(app, ["verify", "--help"])
+    assert result.exit_code == 0
+    assert "Prove that SyncBN on R replicas trains exactly like one device" in result.stdout
+    assert "syncbn verify --replicas 3 --steps 3" in result.stdout
+    for option in ("--reference-dtype", "--input-shape", "--backend", "--rtol", "--atol", "--json"):
+        assert option in result.stdout
+
+
+def test_sync_batch_norm_that_raises_is_a_failure_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(self: ReplicaContext, local: object) -> object:
+        raise RuntimeError("rendezvous lost")
+
+    monkeypatch.setattr(ReplicaContext, "all_reduce_statistics", fail)
+    result = verify("--replicas", "2")
+    assert result.exit_code == 1, result.output
+    assert result.stdout.splitlines()[-1] == "FAIL: SyncBN on 2 replicas raised RuntimeError: rendezvous lost"
+    assert "Traceback" not in result.output
+    document = verify_json("--replicas", "2")
+    assert document["passed"] is False and document["error"] == "RuntimeError: rendezvous lost"
