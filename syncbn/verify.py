@@ -40,8 +40,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from syncbn.convert import convert_model, revert_model
+from syncbn.launch import ProcessGroupFailure, run_on_processes
 from syncbn.parallel.data_parallel import DataParallel
 from syncbn.parallel.parallel_apply import current_replica
+
+# How the R replicas run: threads of this process, or local processes (torch.distributed).
+BACKENDS = ("threads", "gloo", "nccl")
 
 # Names accepted for ``dtype`` and ``reference_dtype``.
 DTYPES: dict[str, torch.dtype] = {
@@ -404,6 +408,8 @@ def verify_model(
     atol: float | None = None,
     device: str | torch.device | None = None,
     lr: float = DEFAULT_LR,
+    backend: str = "threads",
+    timeout: float = 60.0,
     progress: ProgressCallback | None = None,
 ) -> VerificationReport:
     """Train ``model`` with SyncBN on R replicas and with plain BN on one device; compare.
@@ -426,6 +432,10 @@ def verify_model(
         device: ``"cpu"`` (R virtual replicas) or ``"cuda"`` (replicas round-robin over
             every CUDA device; the reference on the first). Default: ``"cuda"`` if available.
         lr: SGD learning rate.
+        backend: how the R replicas run: ``threads`` (``syncbn.DataParallel`` in this
+            process), or ``gloo``/``nccl`` (R local processes in a torch.distributed group
+            on 127.0.0.1, each training its shard; gradients are summed over the ranks).
+        timeout: seconds a replica (thread or process) waits for its peers before failing.
         progress: called as ``progress(done, total, description)`` after each model's step.
 
     Returns:
@@ -445,7 +455,20 @@ def verify_model(
         True
     """
     settings = _Settings.resolve(
-        model, input_shape, replicas, batch_size, steps, seed, dtype, reference_dtype, rtol, atol, device, lr
+        model,
+        input_shape,
+        replicas,
+        batch_size,
+        steps,
+        seed,
+        dtype,
+        reference_dtype,
+        rtol,
+        atol,
+        device,
+        lr,
+        backend,
+        timeout,
     )
     warnings = _warnings(model, settings)
     reference = _Trainer(revert_model(copy.deepcopy(_unwrapped(model))), settings, settings.reference_dtype)
@@ -454,6 +477,10 @@ def verify_model(
     results = {"synced": _Results(settings.tolerance), "unsynced": _Results(settings.tolerance)}
     generator = torch.Generator().manual_seed(settings.seed)
     total, done = 3 * settings.steps, 0
+    if settings.backend != "threads":
+        with _full_float32_precision():
+            _verify_on_processes(model, reference, settings, results, generator, progress)
+        return _report(settings, results, warnings)
     with _full_float32_precision():
         for step in range(settings.steps):
             x = torch.randn((settings.batch_size, *settings.input_shape), generator=generator, dtype=torch.float64)
@@ -478,9 +505,13 @@ def verify_model(
                 done += 1
                 label = "SyncBN" if key == "synced" else "unsynced BN"
                 _report_progress(progress, done, total, f"step {step + 1}/{settings.steps}: {label}")
+    return _report(settings, results, warnings)
+
+
+def _report(settings: _Settings, results: dict[str, _Results], warnings: list[str]) -> VerificationReport:
     return VerificationReport(
         replicas=settings.replicas,
-        backend="threads",
+        backend=settings.backend,
         device=str(settings.device),
         dtype=dtype_name(settings.dtype),
         reference_dtype=dtype_name(settings.reference_dtype),
@@ -512,6 +543,8 @@ class _Settings:
     device: torch.device
     device_pool: list[torch.device]
     lr: float
+    backend: str = "threads"
+    timeout: float = 60.0
 
     @classmethod
     def resolve(
@@ -528,6 +561,8 @@ class _Settings:
         atol: float | None,
         device: str | torch.device | None,
         lr: float,
+        backend: str = "threads",
+        timeout: float = 60.0,
     ) -> _Settings:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module (got {type(model).__name__})")
@@ -565,6 +600,15 @@ class _Settings:
                 raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
         if not (isinstance(lr, (int, float)) and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number (got {lr!r})")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+        if backend == "nccl" and (device.type != "cuda" or torch.cuda.device_count() < replicas):
+            raise ValueError(
+                f"backend nccl needs one CUDA device per replica ({replicas}); this machine has "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}: use --backend gloo"
+            )
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds (got {timeout!r})")
         return cls(
             shape,
             replicas,
@@ -577,6 +621,8 @@ class _Settings:
             replica_pool[0],
             replica_pool,
             float(lr),
+            backend,
+            float(timeout),
         )
 
 
@@ -655,14 +701,24 @@ class _StepResult:
 class _Trainer:
     """One model, its optimizer and its layer recorder; ``step`` runs one training step."""
 
-    def __init__(self, model: nn.Module, settings: _Settings, dtype: torch.dtype, *, parallel: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: _Settings,
+        dtype: torch.dtype,
+        *,
+        parallel: bool = False,
+        device: torch.device | None = None,
+        reduce_grads: Callable[[list[Tensor]], None] | None = None,
+    ) -> None:
         model.train()
         for module in model.modules():
             if isinstance(module, _DropoutNd):
                 module.eval()
-        self.model = model.to(settings.device, dtype)
+        self.device = device if device is not None else settings.device
+        self.model = model.to(self.device, dtype)
         self.dtype = dtype
-        self.device = settings.device
+        self.reduce_grads = reduce_grads
         self.run: nn.Module = (
             DataParallel(self.model, settings.device_pool, replicas=settings.replicas) if parallel else self.model
         )
@@ -695,6 +751,8 @@ class _Trainer:
                 [outputs[name] for name in cotangents],
                 [value.to(outputs[name].device, outputs[name].dtype) for name, value in cotangents.items()],
             )
+        if self.reduce_grads is not None:
+            self.reduce_grads([p for _, p in self.parameters])
         grads = {name: (p.grad.detach().clone() if p.grad is not None else None) for name, p in self.parameters}
         if self.optimizer is not None:
             self.optimizer.step()
@@ -707,6 +765,112 @@ class _Trainer:
             layers=layers,
             layer_order=layer_order,
         )
+
+
+# ------------------------------------------------------------------- the processes way
+
+
+def _verify_on_processes(
+    model: nn.Module,
+    reference: _Trainer,
+    settings: _Settings,
+    results: dict[str, _Results],
+    generator: torch.Generator,
+    progress: ProgressCallback | None,
+) -> None:
+    """Reference here, step by step; then SyncBN and unsynced BN each on R processes, all steps."""
+    inputs, expected = [], []
+    for step in range(settings.steps):
+        x = torch.randn((settings.batch_size, *settings.input_shape), generator=generator, dtype=torch.float64)
+        try:
+            expected.append(reference.step(x, generator=generator))
+        except Exception as error:  # noqa: BLE001 - the model's own failure, reported as bad input
+            raise ModelRunError(
+                f"the model failed on one device with input of shape {tuple(x.shape)} (step {step + 1}): "
+                f"{_describe(error)}"
+            ) from error
+        _check_outputs(expected[-1].outputs)
+        inputs.append(x)
+    _report_progress(progress, 1, 3, f"{settings.steps} step(s): reference")
+    cotangents = [step.cotangents for step in expected]
+    candidates = (
+        ("synced", convert_model(copy.deepcopy(_unwrapped(model))), "SyncBN"),
+        ("unsynced", revert_model(copy.deepcopy(_unwrapped(model))), "unsynced BN"),
+    )
+    for done, (key, candidate, label) in enumerate(candidates, start=2):
+        try:
+            ranks = run_on_processes(
+                _train_shards,
+                settings.replicas,
+                backend=settings.backend,
+                timeout=settings.timeout,
+                args=(candidate, settings, inputs, cotangents),
+            )
+        except ProcessGroupFailure as error:
+            results[key].error = str(error)
+        else:
+            for actual, wanted in zip(_merge_ranks(ranks), expected, strict=True):
+                results[key].compare(actual, wanted)
+        _report_progress(progress, done, 3, f"{settings.steps} step(s): {label} on {settings.replicas} processes")
+
+
+def _train_shards(
+    rank: int, world: int, model: nn.Module, settings: _Settings, inputs: list[Tensor], cotangents: list[dict]
+) -> list[dict[str, Any]]:
+    """One rank: train on its shard of every step's batch; gradients summed over the ranks."""
+    import torch.distributed as dist
+
+    def sum_over_ranks(parameters: list[Tensor]) -> None:
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    device = settings.device_pool[rank % len(settings.device_pool)]
+    trainer = _Trainer(model, settings, settings.dtype, device=device, reduce_grads=sum_over_ranks)
+    steps = []
+    for x, cotangent in zip(inputs, cotangents, strict=True):
+        shard = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+        result = trainer.step(x[shard], cotangents={name: value[shard] for name, value in cotangent.items()})
+        steps.append(
+            {
+                "outputs": {k: v.cpu() for k, v in result.outputs.items()},
+                "input_grad": result.input_grad.cpu() if result.input_grad is not None else None,
+                "grads": {k: v.cpu() if v is not None else None for k, v in result.grads.items()},
+                "buffers": {k: v.cpu() for k, v in result.buffers.items()},
+                "layers": [[name, call, value.cpu()] for (name, call), value in result.layers.items()],
+                "layer_order": [list(key) for key in result.layer_order],
+            }
+        )
+    return steps
+
+
+def _merge_ranks(ranks: list[list[dict[str, Any]]]) -> list[_StepResult]:
+    """Join the ranks' shards back into whole-batch step results (rank 0 for what they share)."""
+    merged = []
+    for step in zip(*ranks, strict=True):
+        first = step[0]
+
+        def joined(parts: list[Tensor | None]) -> Tensor | None:
+            present = [p for p in parts if p is not None]
+            return torch.cat([p for p in present if p.numel() > 0] or present) if present else None
+
+        layers = {}
+        for name, call, _ in first["layers"]:
+            parts = [value for rank in step for n, c, value in rank["layers"] if (n, c) == (name, call)]
+            layers[(name, call)] = joined(parts)
+        merged.append(
+            _StepResult(
+                outputs={name: joined([rank["outputs"][name] for rank in step]) for name in first["outputs"]},
+                cotangents={},
+                input_grad=joined([rank["input_grad"] for rank in step]),
+                grads=first["grads"],  # summed over the ranks already: every rank holds the same
+                buffers=first["buffers"],
+                layers=layers,
+                layer_order=[tuple(key) for key in first["layer_order"]],
+            )
+        )
+    return merged
 
 
 def _check_outputs(outputs: Mapping[str, Tensor]) -> None:

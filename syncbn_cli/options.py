@@ -89,8 +89,8 @@ Backend = Annotated[
     str,
     typer.Option(
         "--backend",
-        help="How replicas talk: threads (one process; CUDA devices or virtual CPU replicas). "
-        "gloo and nccl (one process per replica) are not available in verify yet.",
+        help="How replicas talk: threads (one process; CUDA devices or virtual CPU replicas), or gloo / "
+        "nccl (one local process per replica, torch.distributed on 127.0.0.1; nccl needs a GPU per replica).",
     ),
 ]
 BatchSize = Annotated[

@@ -91,6 +91,8 @@ def verify(
         syncbn verify --replicas 3 --steps 3 --dtype float64
 
         syncbn verify model.pt --factory sample_models.resnet:resnet_tiny --json
+
+        syncbn verify --backend gloo --replicas 2   # R processes, torch.distributed
     """
     device = _check_options(backend, devices, dtype, reference_dtype, rtol, atol)
     shape = parse_input_shape(input_shape) if input_shape is not None else None
@@ -119,6 +121,7 @@ def verify(
                 rtol=rtol,
                 atol=atol,
                 device=device,
+                backend=backend,
                 progress=progress,
             )
         except ModelRunError as error:
@@ -165,11 +168,6 @@ def _check_options(
     """Refuse what the library cannot do, with the option's name; return the device to use."""
     if backend not in BACKENDS:
         raise BadInput(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if backend != "threads":
-        raise BadInput(
-            f"--backend {backend} is not available in verify yet: it runs the R replicas as threads "
-            "of one process; use --backend threads"
-        )
     device = devices if devices is not None else default_device()
     if device not in DEVICES:
         raise BadInput(f"--devices must be cpu or cuda (got {device!r})")
@@ -231,7 +229,10 @@ def render_report(report: VerificationReport, model: str) -> None:
 def _header(report: VerificationReport, model: str) -> Text:
     per_replica = report.batch_size / report.replicas
     share = f"{per_replica:g} per replica" if per_replica == int(per_replica) else f"{per_replica:.2g} per replica"
-    where = "virtual replicas on the CPU" if report.device == "cpu" else f"CUDA, reference on {report.device}"
+    if report.backend == "threads":
+        where = "virtual replicas on the CPU" if report.device == "cpu" else f"CUDA, reference on {report.device}"
+    else:
+        where = f"{report.replicas} local processes on 127.0.0.1, {'CPU' if report.device == 'cpu' else 'CUDA'}"
     reference = "" if report.reference_dtype == report.dtype else f", reference in {report.reference_dtype}"
     text = Text()
     text.append("syncbn verify", style="bold")

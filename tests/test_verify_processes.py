@@ -1,0 +1,102 @@
+"""`syncbn verify --backend gloo`: R local processes, merged into one report."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from syncbn.launch import ProcessGroupFailure, run_on_processes
+from syncbn.verify import verify_model
+from syncbn_cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_gloo_verify_passes_and_unsynced_differs(replicas):
+    result = runner.invoke(
+        app,
+        ["verify", "--backend", "gloo", "--replicas", str(replicas), "--dtype", "float64", "--steps", "2", "--json"],
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] is True and report["backend"] == "gloo" and report["replicas"] == replicas
+    worst_synced = max(check["max_rel_err"] for check in report["checks"])
+    worst_unsynced = max(check["max_rel_err"] for check in report["unsynced"]["checks"])
+    assert worst_synced < 1e-9 < 1e-3 < worst_unsynced
+    assert {layer["name"] for layer in report["layers"]} >= {"stem_bn", "head_bn"}
+
+
+def test_gloo_verify_with_empty_shards_matches():
+    from sample_models.resnet import resnet_tiny
+
+    torch.manual_seed(0)
+    report = verify_model(
+        resnet_tiny(), (3, 8, 8), replicas=4, batch_size=3, device="cpu", backend="gloo", dtype="float64"
+    )
+    assert report.passed, report.synced.error
+    assert any("empty shards" in warning for warning in report.warnings)
+
+
+FAILING_FACTORY = """
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+
+    class FailsOnRankOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.bn1(self.conv(x))
+            if dist.is_initialized() and dist.get_rank() == 1:
+                raise RuntimeError("rank 1 fails mid-forward on purpose")
+            return self.bn2(x)
+
+
+    def build():
+        return FailsOnRankOne()
+"""
+
+
+def test_rank_raising_mid_forward_exits_nonzero_in_bounded_time(tmp_path):
+    factory = tmp_path / "failing.py"
+    factory.write_text(textwrap.dedent(FAILING_FACTORY))
+    start = time.monotonic()
+    result = runner.invoke(
+        app,
+        ["verify", "--factory", f"{factory}:build", "--input-shape", "3x6x6", "--backend", "gloo", "--replicas", "2"],
+    )
+    assert time.monotonic() - start < 120
+    assert result.exit_code == 1
+    assert "rank 1 of 2: RuntimeError: rank 1 fails mid-forward on purpose" in result.stdout
+    assert "rank 0 of 2" in result.stdout  # its peer failed too, instead of waiting
+
+
+def test_run_on_processes_reports_a_stalled_rank():
+    def stall(rank, world):
+        if rank == 1:
+            time.sleep(60)
+        torch.distributed.barrier()
+
+    start = time.monotonic()
+    with pytest.raises(ProcessGroupFailure) as caught:
+        run_on_processes(stall, 2, timeout=3)
+    assert time.monotonic() - start < 60
+    assert 0 in caught.value.errors and 1 in caught.value.errors
+
+
+def test_run_on_processes_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="backend must be one of gloo, nccl"):
+        run_on_processes(print, 2, backend="mpi")
+    with pytest.raises(ValueError, match="world_size must be at least 1"):
+        run_on_processes(print, 0)
