@@ -1,8 +1,192 @@
-"""`syncbn bench` (placeholder until implemented)."""
+"""`syncbn bench`: forward and backward times of SyncBN beside torch.nn.BatchNorm, in one run."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from syncbn.bench import (
+    DEFAULT_MODEL_BATCH,
+    DEFAULT_REPEATS,
+    DEFAULT_SHAPES,
+    DEFAULT_WARMUP,
+    DTYPES,
+    BenchReport,
+    BenchRow,
+    format_shape,
+    parse_shapes,
+    run_benchmark,
+)
+from syncbn_cli import render
 from syncbn_cli.errors import BadInput
+from syncbn_cli.io import build_from_factory
+from syncbn_cli.options import Devices, Json
+
+DEFAULT_MODEL = "sample_models.resnet:resnet_tiny"
+
+Shapes = Annotated[
+    str | None,
+    typer.Option(
+        "--shapes",
+        help="Comma-separated full-batch input shapes NxCx..., 2 to 5 dimensions (BN1d for 2-3, BN2d for 4, "
+        f"BN3d for 5). Default: {','.join(format_shape(s) for s in DEFAULT_SHAPES)}.",
+        show_default=False,
+    ),
+]
+# Not the shared --replicas option: its min=1 makes click print a usage box, and bench
+# reports bad input as one "error: ..." line like every other bad input.
+BenchReplicas = Annotated[
+    int | None,
+    typer.Option(
+        "--replicas",
+        "-r",
+        help="Replicas the batch is split over (default: the CUDA devices if at least 2, else 4).",
+        show_default=False,
+    ),
+]
+Dtype = Annotated[str, typer.Option("--dtype", help=f"Dtype of inputs and weights: {'|'.join(DTYPES)}.")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="Channels-last memory format for 4-D/5-D inputs.")]
+Repeats = Annotated[int, typer.Option("--repeats", help="Measured repeats; medians are reported.")]
+Warmup = Annotated[int, typer.Option("--warmup", help="Unmeasured repeats run first.")]
+Csv = Annotated[bool, typer.Option("--csv", help="Print the rows as CSV on stdout instead of tables.")]
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="MOD:FN of a model whose training step is measured too (its factory declares input_shape), or 'none'.",
+    ),
+]
+ModelBatchSize = Annotated[int, typer.Option("--model-batch-size", help="Full batch size of the model's step.")]
 
 
-def bench() -> None:
-    """Not implemented yet."""
-    raise BadInput("syncbn bench is not implemented yet")
+def bench(
+    shapes: Shapes = None,
+    replicas: BenchReplicas = None,
+    devices: Devices = "cpu",
+    dtype: Dtype = "float32",
+    channels_last: ChannelsLast = False,
+    repeats: Repeats = DEFAULT_REPEATS,
+    warmup: Warmup = DEFAULT_WARMUP,
+    model: Model = DEFAULT_MODEL,
+    model_batch_size: ModelBatchSize = DEFAULT_MODEL_BATCH,
+    json: Json = False,
+    csv: Csv = False,
+) -> None:
+    """Time SyncBN against torch.nn.BatchNorm, forward and backward, on the same inputs.
+
+    Per shape: nn.BatchNorm on the full batch (the reference),
+    SyncBN on 1 replica, SyncBN on R replicas (syncbn.DataParallel),
+    and unsynced per-replica BN on R replicas.
+    Then the same for a whole model's training step (--model).
+    Times are medians in ms after warm-up;
+    ratio = (fwd + bwd) / nn.BatchNorm's (fwd + bwd), in the same run.
+
+    Example:
+
+        syncbn bench --shapes 32x64x56x56,256x1024 --replicas 4 --repeats 10 --csv
+    """
+    if json and csv:
+        raise BadInput("--json and --csv exclude each other: pick one output format")
+    if replicas is not None and replicas < 1:
+        raise BadInput(f"--replicas must be at least 1 (got {replicas})")
+    if repeats < 1 or warmup < 0:
+        raise BadInput(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats} and {warmup})")
+    if model_batch_size < 2:
+        raise BadInput(f"--model-batch-size must be at least 2 (got {model_batch_size})")
+    if devices not in ("cpu", "cuda"):
+        raise BadInput(f"--devices must be cpu or cuda (got {devices!r})")
+    if dtype not in DTYPES:
+        raise BadInput(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    try:
+        shape_list = parse_shapes(shapes) if shapes is not None else list(DEFAULT_SHAPES)
+    except ValueError as error:
+        raise BadInput(f"--shapes: {error}") from None
+    built, input_shape = (None, None) if model.lower() == "none" else build_from_factory(model)
+    if built is not None and input_shape is None:
+        raise BadInput(f"--model {model}: the factory declares no input_shape; give it one (see sample_models)")
+
+    with _ProgressBar() as report_progress:
+        try:
+            report = run_benchmark(
+                shape_list,
+                replicas=replicas,
+                device=devices,
+                dtype=DTYPES[dtype],
+                channels_last=channels_last,
+                repeats=repeats,
+                warmup=warmup,
+                model=built,
+                model_input_shape=input_shape,
+                model_name=model.rsplit(":", 1)[-1],
+                model_batch_size=model_batch_size,
+                progress=report_progress,
+            )
+        except ValueError as error:  # the library checks every argument before measuring
+            raise BadInput(str(error)) from None
+
+    if json:
+        render.print_json(report.as_dict())
+    elif csv:
+        render.print_csv([row.as_dict() for row in report.rows])
+    else:
+        _print_tables(report)
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr, as a ``progress(done, total, description)`` callback."""
+
+    def __enter__(self) -> Callable[[int, int, str], None]:
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=render.err_console,
+            transient=True,
+        )
+        self.bar.__enter__()
+        self.task = self.bar.add_task("measuring", total=None)
+        return self.update
+
+    def update(self, done: int, total: int, description: str) -> None:
+        self.bar.update(self.task, completed=done, total=total, description=description)
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.__exit__(*exc_info)
+
+
+def _print_tables(report: BenchReport) -> None:
+    """The header (machine, torch, settings), then one table per workload."""
+    machine, settings = report.machine, report.settings
+    device = settings["device"] if machine["device_name"] == settings["device"] else machine["device_name"]
+    layout = "channels_last" if settings["channels_last"] else "contiguous"
+    header = [
+        f"machine: {machine['platform']}",
+        f"cpu: {machine['cpu']}, {machine['cores']} cores · torch {machine['torch']}, {machine['threads']} threads",
+        f"date: {machine['date']} · load average: {machine['load']} · device: {device}",
+        f"{settings['dtype']} · {layout} · R = {settings['replicas']} replicas · "
+        f"median of {settings['repeats']} after {settings['warmup']} warm-up",
+    ]
+    for line in header:
+        render.console.print(line, markup=False)
+    workloads: dict[tuple[str, str], list[BenchRow]] = {}
+    for row in report.rows:
+        workloads.setdefault((row.workload, row.shape), []).append(row)
+    for (workload, shape), rows in workloads.items():
+        cells = [
+            (row.impl, row.replicas, _ms(row.fwd_ms), _ms(row.bwd_ms), _ms(row.total_ms), f"{row.ratio:.2f}x")
+            for row in rows
+        ]
+        render.console.print()
+        render.console.print(
+            render.make_table(
+                f"{workload} {shape}", ["impl", "replicas", "fwd ms", "bwd ms", "total ms", "ratio"], cells
+            )
+        )
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"

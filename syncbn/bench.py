@@ -1,0 +1,523 @@
+"""Benchmarks: SyncBN against ``torch.nn.BatchNorm`` on the same input, in the same run.
+
+For each workload (one BatchNorm layer on one input shape, or a whole model's training
+step) every implementation runs on the same input with the same fixed cotangent:
+
+- ``nn.BatchNorm``: torch's own layer on the full batch, on one device: the reference;
+- ``SyncBN`` with 1 replica: outside a synchronized context, what a user pays for
+  converting a model and not going parallel;
+- ``SyncBN`` on R replicas: ``syncbn.DataParallel(convert_model(bn), replicas=R)``;
+- ``unsynced BN`` on R replicas: ``syncbn.DataParallel(bn, replicas=R)``, per-replica
+  statistics, the thing SyncBN fixes, and the cost of the parallel machinery without it.
+
+Forward and backward are timed separately: a repeat runs the forward (building the
+autograd graph, as in training) and then ``backward`` of the output with the cotangent;
+the next repeat runs a fresh forward, so nothing is retained between repeats. Repeats
+of the implementations are interleaved (one round runs each once, starting with a
+different one each round), so slow drifts of the machine (turbo, other load) and the
+after-effects of one implementation on the next hit all of them alike and the ratios
+stay fair. Reported
+times are medians over ``repeats`` rounds after ``warmup`` rounds; the ratio is an
+implementation's ``fwd + bwd`` over the reference's in the same workload.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from syncbn.convert import convert_model
+from syncbn.parallel import DataParallel
+
+Shape = tuple[int, ...]
+# progress(done, total, description): called before each round of measurements and once at the end.
+Progress = Callable[[int, int, str], None]
+
+# ResNet-like early and late stages, an MLP feature layer, and a video clip.
+DEFAULT_SHAPES: tuple[Shape, ...] = ((32, 64, 56, 56), (32, 256, 14, 14), (256, 1024), (8, 64, 8, 28, 28))
+DEFAULT_MODEL_BATCH = 32
+# Medians of 10 interleaved rounds are stable enough to read ratios on a busy 2-core
+# machine, and the default suite still takes well under a minute there.
+DEFAULT_REPEATS = 10
+DEFAULT_WARMUP = 2
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+REFERENCE = "nn.BatchNorm"
+SYNCBN = "SyncBN"
+UNSYNCED = "unsynced BN"
+_BATCH_NORM_FOR_DIM: dict[int, type[nn.Module]] = {
+    2: nn.BatchNorm1d,
+    3: nn.BatchNorm1d,
+    4: nn.BatchNorm2d,
+    5: nn.BatchNorm3d,
+}
+
+
+@dataclass
+class BenchRow:
+    """One implementation on one workload.
+
+    Attributes:
+        workload: what ran, e.g. ``"BatchNorm2d"`` or ``"resnet_tiny train step"``.
+        impl: ``"nn.BatchNorm"`` (the reference), ``"SyncBN"`` or ``"unsynced BN"``.
+        shape: the full-batch input shape, as ``--shapes`` writes it (``"32x64x56x56"``).
+        replicas: how many replicas the batch was split over.
+        dtype, device: the input's dtype name and the device type.
+        fwd_ms, bwd_ms: median forward and backward times in milliseconds.
+        ratio: ``(fwd_ms + bwd_ms)`` over the reference's, in the same workload.
+    """
+
+    workload: str
+    impl: str
+    shape: str
+    replicas: int
+    dtype: str
+    device: str
+    fwd_ms: float
+    bwd_ms: float
+    ratio: float
+
+    @property
+    def total_ms(self) -> float:
+        """Forward plus backward, in milliseconds."""
+        return self.fwd_ms + self.bwd_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as plain JSON/CSV values (the ``syncbn bench --json`` row contract)."""
+        return asdict(self)
+
+
+@dataclass
+class BenchReport:
+    """What ``run_benchmark`` measured, and where.
+
+    Attributes:
+        rows: one per implementation and workload, the reference first in each workload.
+        machine: platform, CPU, core count, torch version, thread count, date, device name.
+        settings: the arguments that shaped the run (replicas, dtype, repeats, ...).
+    """
+
+    rows: list[BenchRow]
+    machine: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as one JSON-ready document: ``machine``, ``settings`` and ``rows``."""
+        return {"machine": self.machine, "settings": self.settings, "rows": [row.as_dict() for row in self.rows]}
+
+
+def parse_shape(text: str) -> Shape:
+    """Parse one input shape written ``NxCx...`` (2 to 5 positive dimensions).
+
+    Two or three dimensions are measured with BatchNorm1d, four with BatchNorm2d, five
+    with BatchNorm3d.
+
+    Raises:
+        ValueError: the text is not 2 to 5 positive integers joined by ``x``.
+
+    Example:
+        >>> parse_shape("32x64x56x56")
+        (32, 64, 56, 56)
+        >>> parse_shape("256x1024")
+        (256, 1024)
+        >>> parse_shape("32x0")
+        Traceback (most recent call last):
+        ...
+        ValueError: malformed shape '32x0': dimensions must be positive integers, like 32x64x56x56
+    """
+    parts = text.strip().lower().split("x")
+    if not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"malformed shape {text!r}: expected integers joined by 'x', like 32x64x56x56 or 256x1024")
+    shape = tuple(int(part) for part in parts)
+    if not 2 <= len(shape) <= 5:
+        raise ValueError(
+            f"malformed shape {text!r}: expected 2 to 5 dimensions (N, C and up to 3 spatial), got {len(shape)}"
+        )
+    if min(shape) < 1:
+        raise ValueError(f"malformed shape {text!r}: dimensions must be positive integers, like 32x64x56x56")
+    return shape
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """Parse a comma-separated list of shapes, e.g. ``"32x64x56x56,256x1024"``.
+
+    Example:
+        >>> parse_shapes("4x3x5x5, 8x16")
+        [(4, 3, 5, 5), (8, 16)]
+    """
+    items = [item for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"no shapes in {text!r}: expected e.g. 32x64x56x56,256x1024")
+    return [parse_shape(item) for item in items]
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    """The ``NxCx...`` spelling of a shape.
+
+    Example:
+        >>> format_shape((32, 64, 56, 56))
+        '32x64x56x56'
+    """
+    return "x".join(str(d) for d in shape)
+
+
+def default_replicas(device: str = "cpu") -> int:
+    """The default number of replicas: the CUDA devices when there are at least 2, else 4.
+
+    Example:
+        >>> default_replicas("cpu") >= 2
+        True
+    """
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        return torch.cuda.device_count()
+    return 4
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """Facts about where a benchmark runs, for its header (``load``: 1-minute load average).
+
+    Example:
+        >>> sorted(machine_info())
+        ['cores', 'cpu', 'date', 'device_name', 'load', 'platform', 'threads', 'torch']
+    """
+    if device == "cuda" and torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        device_name = f"{len(names)} x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+    else:
+        device_name = "cpu"
+    return {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device_name": device_name,
+        # Other processes distort timings (on few cores, a lot): the report says how busy it was.
+        "load": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_benchmark(
+    shapes: Sequence[Shape] = DEFAULT_SHAPES,
+    *,
+    replicas: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    model: nn.Module | None = None,
+    model_input_shape: Sequence[int] | None = None,
+    model_name: str | None = None,
+    model_batch_size: int = DEFAULT_MODEL_BATCH,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> BenchReport:
+    """Time nn.BatchNorm, SyncBN and unsynced BN, forward and backward, on each shape.
+
+    Args:
+        shapes: full-batch input shapes ``(N, C, *)``, 2 to 5 dimensions each.
+        replicas: R, the replicas a batch is split over (default: ``default_replicas``).
+        device: ``"cpu"`` (R virtual replicas) or ``"cuda"`` (R replicas round-robin over
+            the visible GPUs).
+        dtype: of inputs, parameters and buffers.
+        channels_last: use the channels-last memory format for 4-D and 5-D inputs.
+        repeats: measured rounds; medians are reported.
+        warmup: rounds run first and not measured.
+        model: a model with BatchNorm layers whose training step (forward and backward)
+            is measured as one more workload; it is copied, never changed. None: no model.
+        model_input_shape: one sample's shape for ``model`` (without the batch dimension).
+        model_name: how the model's rows are labelled (default: its class name).
+        model_batch_size: the model's full batch size.
+        progress: called as ``progress(done, total, description)`` before each round and
+            once when done.
+        seed: of the random inputs and cotangents.
+
+    Returns:
+        A ``BenchReport``; per workload the rows are nn.BatchNorm (ratio 1.0), SyncBN on
+        1 replica (omitted when R is 1), SyncBN on R replicas and unsynced BN on R replicas.
+
+    Raises:
+        ValueError: a bad argument (malformed shape, R below 1, CUDA missing, a shape too
+            small to split over R replicas, ...); raised before anything is measured.
+
+    Example:
+        >>> report = run_benchmark([(4, 3, 5, 5)], replicas=2, repeats=1, warmup=0)
+        >>> [(row.impl, row.replicas) for row in report.rows]
+        [('nn.BatchNorm', 1), ('SyncBN', 1), ('SyncBN', 2), ('unsynced BN', 2)]
+        >>> report.rows[0].ratio
+        1.0
+    """
+    shapes = [tuple(shape) for shape in shapes]
+    _check_arguments(shapes, replicas, device, dtype, repeats, warmup, model, model_input_shape, model_batch_size)
+    replicas = replicas if replicas is not None else default_replicas(device)
+    for shape in shapes:
+        _check_splittable(shape, replicas)
+    machine = machine_info(device)  # before measuring: the load average is then others' load
+    devices = _replica_devices(device)
+    _start_torch(devices[0])
+    generator = torch.Generator().manual_seed(seed)
+
+    # (name, full-batch shape, module); the module is copied for each implementation.
+    workloads: list[tuple[str, Shape, nn.Module]] = [
+        (_BATCH_NORM_FOR_DIM[len(shape)].__name__, shape, _BATCH_NORM_FOR_DIM[len(shape)](shape[1])) for shape in shapes
+    ]
+    if model is not None and model_input_shape is not None:
+        name = model_name or type(model).__name__
+        workloads.append((f"{name} train step", (model_batch_size, *model_input_shape), model))
+
+    total = (warmup + repeats) * len(workloads)
+    rows: list[BenchRow] = []
+    for index, (workload, shape, module) in enumerate(workloads):
+        cases = _cases(module, replicas, devices, dtype, channels_last and len(shape) in (4, 5))
+        x = _random(shape, dtype, devices[0], channels_last, generator)
+        cotangent = _cotangent_for(cases[0].module, x, generator)
+        rounds = _Rounds(
+            warmup, repeats, f"{workload} {format_shape(shape)}", index * (warmup + repeats), total, progress
+        )
+        medians = _measure(cases, x, cotangent, devices[0], rounds)
+        reference_total = sum(medians[0])
+        for case, (fwd, bwd) in zip(cases, medians, strict=True):
+            rows.append(
+                BenchRow(
+                    workload=workload,
+                    impl=case.impl,
+                    shape=format_shape(shape),
+                    replicas=case.replicas,
+                    dtype=_dtype_name(dtype),
+                    device=device,
+                    fwd_ms=fwd,
+                    bwd_ms=bwd,
+                    ratio=1.0 if case.impl == REFERENCE else (fwd + bwd) / reference_total,
+                )
+            )
+    if progress is not None:
+        progress(total, total, "done")
+    settings = {
+        "replicas": replicas,
+        "device": device,
+        "dtype": _dtype_name(dtype),
+        "channels_last": channels_last,
+        "repeats": repeats,
+        "warmup": warmup,
+    }
+    return BenchReport(rows=rows, machine=machine, settings=settings)
+
+
+@dataclass
+class _Case:
+    impl: str
+    replicas: int
+    module: nn.Module
+
+
+def _cases(
+    module: nn.Module, replicas: int, devices: list[torch.device], dtype: torch.dtype, channels_last: bool
+) -> list[_Case]:
+    """The reference and its rivals, each with its own copy of ``module`` (left unchanged)."""
+    module = copy.deepcopy(module).to(devices[0], dtype).train()
+    if channels_last:
+        # Conv weights take the input's layout, or every conv would convert it back and forth;
+        # module.to(memory_format=...) would skip the 5-D weights of Conv3d.
+        for param in module.parameters():
+            if param.dim() in (4, 5):
+                param.data = param.data.contiguous(memory_format=_channels_last_format(param.dim()))
+
+    def parallel(m: nn.Module) -> nn.Module:
+        return DataParallel(m, device_ids=devices, replicas=replicas)
+
+    cases = [_Case(REFERENCE, 1, copy.deepcopy(module))]
+    if replicas > 1:
+        cases.append(_Case(SYNCBN, 1, convert_model(copy.deepcopy(module))))
+    cases.append(_Case(SYNCBN, replicas, parallel(convert_model(copy.deepcopy(module)))))
+    cases.append(_Case(UNSYNCED, replicas, parallel(copy.deepcopy(module))))
+    return cases
+
+
+@dataclass
+class _Rounds:
+    """How many rounds one workload runs, and how to report them to ``progress``."""
+
+    warmup: int
+    repeats: int
+    label: str
+    done_before: int
+    total: int
+    progress: Progress | None
+
+    def report(self, round_: int) -> None:
+        if self.progress is None:
+            return
+        if round_ < self.warmup:
+            stage = f"warmup {round_ + 1}/{self.warmup}"
+        else:
+            stage = f"repeat {round_ - self.warmup + 1}/{self.repeats}"
+        self.progress(self.done_before + round_, self.total, f"{self.label}: {stage}")
+
+
+def _measure(
+    cases: list[_Case], x: Tensor, cotangent: Tensor, device: torch.device, rounds: _Rounds
+) -> list[tuple[float, float]]:
+    """Median (forward ms, backward ms) of each case; a round runs every case once, interleaved."""
+    timings: list[list[tuple[float, float]]] = [[] for _ in cases]
+    for round_ in range(rounds.warmup + rounds.repeats):
+        rounds.report(round_)
+        # Each round starts with a different case: whichever runs first, or right after
+        # the thread-spawning DataParallel cases, is not always the same one.
+        for i in range(len(cases)):
+            index = (round_ + i) % len(cases)
+            measured = _time_step(cases[index].module, x, cotangent, device)
+            if round_ >= rounds.warmup:
+                timings[index].append(measured)
+    return [
+        (statistics.median(fwd for fwd, _ in times), statistics.median(bwd for _, bwd in times)) for times in timings
+    ]
+
+
+def _time_step(module: nn.Module, x: Tensor, cotangent: Tensor, device: torch.device) -> tuple[float, float]:
+    """Milliseconds of one forward (building the graph) and of the backward of its output."""
+    module.zero_grad(set_to_none=True)
+    leaf = x.detach().requires_grad_()  # a fresh leaf: no gradient accumulates into an old .grad
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection in the middle of a step is noise, not the step's cost
+    try:
+        _synchronize(device)
+        start = time.perf_counter()
+        out = module(leaf)
+        _synchronize(device)
+        middle = time.perf_counter()
+        out.backward(cotangent)
+        _synchronize(device)
+        end = time.perf_counter()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return (middle - start) * 1e3, (end - middle) * 1e3
+
+
+def _start_torch(device: torch.device) -> None:
+    """One tiny BatchNorm step: the first of a process pays one-off start-up costs (autograd,
+    thread pools: 0.1-0.4 s on a CPU) that would otherwise land on a measured step when
+    ``warmup`` is 0."""
+    x = torch.randn(4, 2, device=device, requires_grad=True)
+    torch.nn.functional.batch_norm(x, None, None, training=True).sum().backward()
+
+
+def _cotangent_for(module: nn.Module, x: Tensor, generator: torch.Generator) -> Tensor:
+    """A fixed random cotangent of the output's shape, dtype and layout (one forward to learn them)."""
+    with torch.no_grad():
+        out = copy.deepcopy(module)(x)  # a copy: the running statistics stay as they are
+    cotangent = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(out.device, out.dtype)
+    return cotangent.contiguous(memory_format=_memory_format_of(out))
+
+
+def _random(shape: Shape, dtype: torch.dtype, device: torch.device, channels_last: bool, generator) -> Tensor:
+    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    if channels_last and len(shape) in (4, 5):
+        x = x.contiguous(memory_format=_channels_last_format(len(shape)))
+    return x
+
+
+def _channels_last_format(dim: int) -> torch.memory_format:
+    return torch.channels_last if dim == 4 else torch.channels_last_3d
+
+
+def _memory_format_of(t: Tensor) -> torch.memory_format:
+    if t.dim() in (4, 5) and not t.is_contiguous():
+        fmt = _channels_last_format(t.dim())
+        if t.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: without this we would time the launches only.
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _replica_devices(device: str) -> list[torch.device]:
+    if device == "cuda":
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    # Explicit, so that a machine with CUDA still runs CPU replicas on the CPU.
+    return [torch.device("cpu")]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_arguments(
+    shapes: list[Shape],
+    replicas: int | None,
+    device: str,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+    model: nn.Module | None,
+    model_input_shape: Sequence[int] | None,
+    model_batch_size: int,
+) -> None:
+    if not shapes and model is None:
+        raise ValueError("nothing to measure: give at least one shape or a model")
+    for shape in shapes:
+        if not (2 <= len(shape) <= 5 and all(isinstance(d, int) and d >= 1 for d in shape)):
+            raise ValueError(f"expected shapes of 2 to 5 positive integers (N, C, *) (got {shape!r})")
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+        raise ValueError(f"replicas must be a positive integer (got {replicas!r})")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (got {device!r})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available here: use device 'cpu'")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (got {dtype!r})")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (got {repeats!r})")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be at least 0 (got {warmup!r})")
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+        if model_input_shape is None or not all(isinstance(d, int) and d >= 1 for d in model_input_shape):
+            raise ValueError(
+                f"model_input_shape must give one sample's shape as positive integers (got {model_input_shape!r})"
+            )
+        if model_batch_size < 2:
+            raise ValueError(f"model_batch_size must be at least 2 (got {model_batch_size})")
+
+
+def _check_splittable(shape: Shape, replicas: int) -> None:
+    """Every non-empty shard must have more than one value per channel, or BN cannot train on it."""
+    per_sample = 1
+    for d in shape[2:]:
+        per_sample *= d
+    smallest = shape[0] // replicas if shape[0] >= replicas else 1
+    if smallest * per_sample < 2:
+        raise ValueError(
+            f"shape {format_shape(shape)} split over {replicas} replicas leaves a replica with "
+            f"{smallest * per_sample} value per channel, too few for BatchNorm in training: "
+            f"use a batch of at least {2 * replicas} or fewer replicas"
+        )
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
