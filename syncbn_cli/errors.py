@@ -40,3 +40,18 @@ def exits_cleanly(command: F) -> F:
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return run  # type: ignore[return-value]
+
+
+def require_positive(**options: int | None) -> None:
+    """Refuse counts below 1, naming the option: ``require_positive(replicas=0)``.
+
+    Example:
+        >>> require_positive(replicas=2, steps=None)
+        >>> require_positive(batch_size=0)
+        Traceback (most recent call last):
+        ...
+        syncbn_cli.errors.BadInput: --batch-size must be at least 1 (got 0)
+    """
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {value})")

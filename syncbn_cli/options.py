@@ -1,4 +1,8 @@
-"""Options shared by several commands, defined once."""
+"""Options shared by several commands, defined once.
+
+Counts carry no ``min=``: click would answer a bad value with a multi-line usage box;
+commands check them with ``errors.require_positive`` and say so in one line.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +59,6 @@ Replicas = Annotated[
     typer.Option(
         "--replicas",
         "-r",
-        min=1,
         help="Number of replicas (default: the CUDA devices if at least 2, else 4 virtual CPU replicas).",
         show_default=False,
     ),
@@ -98,7 +101,6 @@ BatchSize = Annotated[
     typer.Option(
         "--batch-size",
         "-b",
-        min=1,
         help="The whole batch B, split over the replicas (default: 2 per replica, the small per-replica "
         "batches SyncBN is for).",
         show_default=False,
@@ -113,7 +115,7 @@ InputShape = Annotated[
         show_default=False,
     ),
 ]
-Steps = Annotated[int, typer.Option("--steps", min=1, help="Training steps: forward, backward, SGD.")]
+Steps = Annotated[int, typer.Option("--steps", help="Training steps: forward, backward, SGD.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seeds the model's initialization, the inputs and the gradients.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="dtype to run in: float32, float64 or bfloat16.")]
 ReferenceDtype = Annotated[

@@ -18,7 +18,7 @@ from torch import Tensor
 def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any]:
     """Split every tensor in ``obj`` (nested tuples, lists, dicts) into ``len(devices)`` shards.
 
-    Tensors are split along ``dim`` with ``torch.tensor_split`` and moved to each
+    Tensors are split along ``dim`` into balanced shards and moved to each
     replica's device (a view when the device is unchanged); anything else is shared by
     reference.
 
@@ -28,7 +28,9 @@ def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any
         [[0, 1, 2], [3, 4]]
     """
     if isinstance(obj, Tensor):
-        shards = torch.tensor_split(obj, len(devices), dim)
+        # torch.split with explicit sizes, not tensor_split: its backward is one
+        # concatenation, where tensor_split's fills a full-size zero tensor per shard.
+        shards = torch.split(obj, shard_sizes(obj.size(dim), len(devices)), dim)
         return [shard.to(device) for shard, device in zip(shards, devices, strict=True)]
     if isinstance(obj, (tuple, list)) and obj:
         per_replica = zip(*(scatter(x, devices, dim) for x in obj), strict=True)
@@ -38,6 +40,17 @@ def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any
     if isinstance(obj, dict) and obj:
         return [type(obj)(items) for items in scatter(list(obj.items()), devices, dim)]
     return [obj for _ in devices]
+
+
+def shard_sizes(total: int, parts: int) -> list[int]:
+    """Balanced shard sizes: they differ by at most one, larger ones first (as tensor_split).
+
+    Example:
+        >>> shard_sizes(10, 4), shard_sizes(2, 4)
+        ([3, 3, 2, 2], [1, 1, 0, 0])
+    """
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def scatter_arguments(

@@ -21,9 +21,9 @@ from syncbn.bench import (
     run_benchmark,
 )
 from syncbn_cli import render
-from syncbn_cli.errors import BadInput
+from syncbn_cli.errors import BadInput, require_positive
 from syncbn_cli.io import build_from_factory
-from syncbn_cli.options import Devices, Json
+from syncbn_cli.options import Devices, Json, Replicas
 
 DEFAULT_MODEL = "sample_models.resnet:resnet_tiny"
 
@@ -33,17 +33,6 @@ Shapes = Annotated[
         "--shapes",
         help="Comma-separated full-batch input shapes NxCx..., 2 to 5 dimensions (BN1d for 2-3, BN2d for 4, "
         f"BN3d for 5). Default: {','.join(format_shape(s) for s in DEFAULT_SHAPES)}.",
-        show_default=False,
-    ),
-]
-# Not the shared --replicas option: its min=1 makes click print a usage box, and bench
-# reports bad input as one "error: ..." line like every other bad input.
-BenchReplicas = Annotated[
-    int | None,
-    typer.Option(
-        "--replicas",
-        "-r",
-        help="Replicas the batch is split over (default: the CUDA devices if at least 2, else 4).",
         show_default=False,
     ),
 ]
@@ -64,7 +53,7 @@ ModelBatchSize = Annotated[int, typer.Option("--model-batch-size", help="Full ba
 
 def bench(
     shapes: Shapes = None,
-    replicas: BenchReplicas = None,
+    replicas: Replicas = None,
     devices: Devices = "cpu",
     dtype: Dtype = "float32",
     channels_last: ChannelsLast = False,
@@ -90,8 +79,7 @@ def bench(
     """
     if json and csv:
         raise BadInput("--json and --csv exclude each other: pick one output format")
-    if replicas is not None and replicas < 1:
-        raise BadInput(f"--replicas must be at least 1 (got {replicas})")
+    require_positive(replicas=replicas)
     if repeats < 1 or warmup < 0:
         raise BadInput(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats} and {warmup})")
     if model_batch_size < 2:

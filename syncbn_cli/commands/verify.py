@@ -26,7 +26,7 @@ from syncbn.verify import (
     default_device,
     verify_model,
 )
-from syncbn_cli.errors import EXIT_MISMATCH, BadInput
+from syncbn_cli.errors import EXIT_MISMATCH, BadInput, require_positive
 from syncbn_cli.io import LoadedModel, load_model
 from syncbn_cli.options import (
     Atol,
@@ -94,6 +94,7 @@ def verify(
 
         syncbn verify --backend gloo --replicas 2   # R processes, torch.distributed
     """
+    require_positive(replicas=replicas, batch_size=batch_size, steps=steps)
     device = _check_options(backend, devices, dtype, reference_dtype, rtol, atol)
     shape = parse_input_shape(input_shape) if input_shape is not None else None
     # Seeded before the factory runs, so that its random initialization is reproducible.
