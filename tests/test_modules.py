@@ -78,16 +78,20 @@ def test_constructor_signature_equals_torch(sync_cls, torch_cls):
     extra = sync_params.pop("process_group")
     assert extra.kind is inspect.Parameter.KEYWORD_ONLY and extra.default is None
     torch_params = inspect.signature(torch_cls).parameters
-    assert list(sync_params) == list(torch_params) == [
-        "num_features",
-        "eps",
-        "momentum",
-        "affine",
-        "track_running_stats",
-        "device",
-        "dtype",
-        "bias",
-    ]
+    assert (
+        list(sync_params)
+        == list(torch_params)
+        == [
+            "num_features",
+            "eps",
+            "momentum",
+            "affine",
+            "track_running_stats",
+            "device",
+            "dtype",
+            "bias",
+        ]
+    )
     for name, param in torch_params.items():
         assert (sync_params[name].kind, sync_params[name].default) == (param.kind, param.default), name
     assert [p.default for p in sync_params.values()][1:] == [1e-5, 0.1, True, True, None, None, True]
