@@ -38,7 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from syncbn.convert import convert_model
+from syncbn.launch import run_on_processes
 from syncbn.parallel import DataParallel
+from syncbn.parallel.scatter_gather import shard_sizes as _shard_sizes
 
 Shape = tuple[int, ...]
 # progress(done, total, description): called before each round of measurements and once at the end.
@@ -55,6 +57,13 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 REFERENCE = "nn.BatchNorm"
 SYNCBN = "SyncBN"
 UNSYNCED = "unsynced BN"
+SYNCBN_GLOO = "SyncBN (gloo)"
+UNSYNCED_GLOO = "unsynced BN (gloo)"
+# The synchronization-overhead workload: many BatchNorm layers on a tiny input, where
+# the cost of a layer is almost all rendezvous (threads) or collective (gloo).
+OVERHEAD_LAYERS = 50
+OVERHEAD_WORKLOAD = f"sync overhead ({OVERHEAD_LAYERS} x BatchNorm1d)"
+OVERHEAD_FEATURES = 16
 _BATCH_NORM_FOR_DIM: dict[int, type[nn.Module]] = {
     2: nn.BatchNorm1d,
     3: nn.BatchNorm1d,
@@ -111,9 +120,37 @@ class BenchReport:
     machine: dict[str, Any]
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def overhead(self) -> list[dict[str, Any]]:
+        """Synchronization cost per BatchNorm layer call, per backend, in microseconds.
+
+        From the overhead workload: (SyncBN - unsynced BN) / layers, forward and backward.
+        """
+        rows = {row.impl: row for row in self.rows if row.workload == OVERHEAD_WORKLOAD}
+        found = []
+        for backend, synced, unsynced in (("threads", SYNCBN, UNSYNCED), ("gloo", SYNCBN_GLOO, UNSYNCED_GLOO)):
+            if synced in rows and unsynced in rows:
+                a, b = rows[synced], rows[unsynced]
+                found.append(
+                    {
+                        "backend": backend,
+                        "replicas": a.replicas,
+                        "layers": OVERHEAD_LAYERS,
+                        "fwd_us_per_layer": (a.fwd_ms - b.fwd_ms) * 1e3 / OVERHEAD_LAYERS,
+                        "bwd_us_per_layer": (a.bwd_ms - b.bwd_ms) * 1e3 / OVERHEAD_LAYERS,
+                        "total_us_per_layer": (a.total_ms - b.total_ms) * 1e3 / OVERHEAD_LAYERS,
+                    }
+                )
+        return found
+
     def as_dict(self) -> dict[str, Any]:
-        """The report as one JSON-ready document: ``machine``, ``settings`` and ``rows``."""
-        return {"machine": self.machine, "settings": self.settings, "rows": [row.as_dict() for row in self.rows]}
+        """The report as one JSON-ready document: ``machine``, ``settings``, ``rows``, ``overhead``."""
+        return {
+            "machine": self.machine,
+            "settings": self.settings,
+            "rows": [row.as_dict() for row in self.rows],
+            "overhead": self.overhead,
+        }
 
 
 def parse_shape(text: str) -> Shape:
@@ -223,6 +260,8 @@ def run_benchmark(
     model_batch_size: int = DEFAULT_MODEL_BATCH,
     progress: Progress | None = None,
     seed: int = 0,
+    processes: bool = True,
+    overhead: bool = True,
 ) -> BenchReport:
     """Time nn.BatchNorm, SyncBN and unsynced BN, forward and backward, on each shape.
 
@@ -243,6 +282,10 @@ def run_benchmark(
         progress: called as ``progress(done, total, description)`` before each round and
             once when done.
         seed: of the random inputs and cotangents.
+        processes: also time SyncBN and unsynced BN on R local gloo processes (the
+            processes way; CPU only), each rank with one thread.
+        overhead: add the synchronization-overhead workload (``OVERHEAD_LAYERS`` layers
+            on a tiny input); ``BenchReport.overhead`` turns it into microseconds per layer.
 
     Returns:
         A ``BenchReport``; per workload the rows are nn.BatchNorm (ratio 1.0), SyncBN on
@@ -253,7 +296,7 @@ def run_benchmark(
             small to split over R replicas, ...); raised before anything is measured.
 
     Example:
-        >>> report = run_benchmark([(4, 3, 5, 5)], replicas=2, repeats=1, warmup=0)
+        >>> report = run_benchmark([(4, 3, 5, 5)], replicas=2, repeats=1, warmup=0, processes=False, overhead=False)
         >>> [(row.impl, row.replicas) for row in report.rows]
         [('nn.BatchNorm', 1), ('SyncBN', 1), ('SyncBN', 2), ('unsynced BN', 2)]
         >>> report.rows[0].ratio
@@ -276,6 +319,10 @@ def run_benchmark(
     if model is not None and model_input_shape is not None:
         name = model_name or type(model).__name__
         workloads.append((f"{name} train step", (model_batch_size, *model_input_shape), model))
+    if overhead:
+        stack = nn.Sequential(*(nn.BatchNorm1d(OVERHEAD_FEATURES) for _ in range(OVERHEAD_LAYERS)))
+        workloads.append((OVERHEAD_WORKLOAD, (2 * replicas, OVERHEAD_FEATURES), stack))
+    processes = processes and device == "cpu"
 
     total = (warmup + repeats) * len(workloads)
     rows: list[BenchRow] = []
@@ -287,6 +334,10 @@ def run_benchmark(
             warmup, repeats, f"{workload} {format_shape(shape)}", index * (warmup + repeats), total, progress
         )
         medians = _measure(cases, x, cotangent, devices[0], rounds)
+        if processes:
+            for impl, convert in ((SYNCBN_GLOO, True), (UNSYNCED_GLOO, False)):
+                cases.append(_Case(impl, replicas, cases[0].module))
+                medians.append(_measure_on_processes(cases[0].module, x, cotangent, replicas, rounds, convert=convert))
         reference_total = sum(medians[0])
         for case, (fwd, bwd) in zip(cases, medians, strict=True):
             rows.append(
@@ -311,6 +362,7 @@ def run_benchmark(
         "channels_last": channels_last,
         "repeats": repeats,
         "warmup": warmup,
+        "processes": processes,
     }
     return BenchReport(rows=rows, machine=machine, settings=settings)
 
@@ -383,6 +435,45 @@ def _measure(
     return [
         (statistics.median(fwd for fwd, _ in times), statistics.median(bwd for _, bwd in times)) for times in timings
     ]
+
+
+def _measure_on_processes(
+    module: nn.Module, x: Tensor, cotangent: Tensor, replicas: int, rounds: _Rounds, *, convert: bool
+) -> tuple[float, float]:
+    """Median (forward ms, backward ms) on R gloo processes, each timing its own shard.
+
+    A round lasts as long as its slowest rank, so per round the maximum over ranks counts.
+    """
+    if rounds.progress is not None:
+        what = SYNCBN_GLOO if convert else UNSYNCED_GLOO
+        rounds.progress(rounds.done_before, rounds.total, f"{rounds.label}: {what} on {replicas} processes")
+    candidate = convert_model(copy.deepcopy(module)) if convert else copy.deepcopy(module)
+    per_rank = run_on_processes(
+        _time_rank,
+        replicas,
+        backend="gloo",
+        timeout=120.0,
+        args=(candidate, x, cotangent, rounds.warmup, rounds.repeats),
+    )
+    per_round = [(max(f for f, _ in step), max(b for _, b in step)) for step in zip(*per_rank, strict=True)]
+    return statistics.median(f for f, _ in per_round), statistics.median(b for _, b in per_round)
+
+
+def _time_rank(
+    rank: int, world: int, module: nn.Module, x: Tensor, cotangent: Tensor, warmup: int, repeats: int
+) -> list[tuple[float, float]]:
+    """One rank of ``_measure_on_processes``: its shard's (fwd ms, bwd ms) for each measured round."""
+    import torch.distributed as dist
+
+    rows = torch.split(torch.arange(x.shape[0]), _shard_sizes(x.shape[0], world))[rank]
+    shard, shard_cotangent = x[rows].contiguous(memory_format=_memory_format_of(x)), cotangent[rows]
+    timings = []
+    for round_ in range(warmup + repeats):
+        dist.barrier()  # every rank starts the round together
+        measured = _time_step(module, shard, shard_cotangent, x.device)
+        if round_ >= warmup:
+            timings.append(measured)
+    return timings
 
 
 def _time_step(module: nn.Module, x: Tensor, cotangent: Tensor, device: torch.device) -> tuple[float, float]:

@@ -12,12 +12,26 @@ import torch
 from typer.testing import CliRunner
 
 from sample_models.mlp import mlp_bn1d
-from syncbn.bench import REFERENCE, SYNCBN, UNSYNCED, parse_shape, parse_shapes, run_benchmark
+from syncbn.bench import (
+    OVERHEAD_LAYERS,
+    OVERHEAD_WORKLOAD,
+    REFERENCE,
+    SYNCBN,
+    SYNCBN_GLOO,
+    UNSYNCED,
+    UNSYNCED_GLOO,
+    parse_shape,
+    parse_shapes,
+    run_benchmark,
+)
 from syncbn_cli.main import app
 
 ROW_KEYS = {"impl", "shape", "replicas", "dtype", "device", "fwd_ms", "bwd_ms", "ratio"}
 # Tiny workloads and a tiny model keep every CLI run well under a second.
-FAST = ["--shapes", "4x3x5x5,8x6", "--repeats", "1", "--warmup", "0", "--model", "sample_models.mlp:mlp_bn1d"]
+FAST = [
+    "--shapes", "4x3x5x5,8x6", "--repeats", "1", "--warmup", "0", "--model", "sample_models.mlp:mlp_bn1d",
+    "--no-processes", "--no-overhead",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +45,8 @@ def report():
         model_input_shape=mlp_bn1d.input_shape,
         model_name="mlp_bn1d",
         model_batch_size=8,
+        processes=False,
+        overhead=False,
     )
 
 
@@ -71,20 +87,37 @@ def test_report_document(report):
 
 
 def test_one_replica_omits_the_duplicate_syncbn_row():
-    report = run_benchmark([(4, 3)], replicas=1, repeats=1, warmup=0)
+    report = run_benchmark([(4, 3)], replicas=1, repeats=1, warmup=0, processes=False, overhead=False)
     assert [(row.impl, row.replicas) for row in report.rows] == [(REFERENCE, 1), (SYNCBN, 1), (UNSYNCED, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_other_dtypes_and_channels_last(dtype):
-    report = run_benchmark([(4, 3, 5, 5)], replicas=2, dtype=dtype, channels_last=True, repeats=1, warmup=0)
+    report = run_benchmark(
+        [(4, 3, 5, 5)],
+        replicas=2,
+        dtype=dtype,
+        channels_last=True,
+        repeats=1,
+        warmup=0,
+        processes=False,
+        overhead=False,
+    )
     assert {row.dtype for row in report.rows} == {str(dtype).removeprefix("torch.")}
     assert report.settings["channels_last"] is True
 
 
 def test_progress_reports_every_round():
     calls = []
-    run_benchmark([(4, 3)], replicas=2, repeats=2, warmup=1, progress=lambda *args: calls.append(args))
+    run_benchmark(
+        [(4, 3)],
+        replicas=2,
+        repeats=2,
+        warmup=1,
+        progress=lambda *args: calls.append(args),
+        overhead=False,
+        processes=False,
+    )
     assert [(done, total) for done, total, _ in calls] == [(0, 3), (1, 3), (2, 3), (3, 3)]
     assert "warmup 1/1" in calls[0][2] and "repeat 2/2" in calls[2][2]
 
@@ -227,9 +260,42 @@ def test_the_model_is_measured_on_copies():
     model = mlp_bn1d()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     report = run_benchmark(
-        [], replicas=2, repeats=1, warmup=0, model=model, model_input_shape=(32,), model_batch_size=4
+        [],
+        replicas=2,
+        repeats=1,
+        warmup=0,
+        model=model,
+        model_input_shape=(32,),
+        model_batch_size=4,
+        processes=False,
+        overhead=False,
     )
     assert [(row.workload, row.shape) for row in report.rows] == [("Sequential train step", "4x32")] * 4
     after = model.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
     assert all(type(m).__module__.startswith("torch.") for m in model.modules())
+
+
+def test_gloo_rows_and_synchronization_overhead():
+    report = run_benchmark([(4, 3, 5, 5)], replicas=2, repeats=2, warmup=1)
+    rows = {(row.workload, row.impl): row for row in report.rows}
+    for workload in ("BatchNorm2d", OVERHEAD_WORKLOAD):
+        for impl in (SYNCBN_GLOO, UNSYNCED_GLOO):
+            row = rows[workload, impl]
+            assert row.replicas == 2 and row.fwd_ms > 0 and row.bwd_ms > 0
+            reference = rows[workload, REFERENCE]
+            assert row.ratio == pytest.approx(row.total_ms / reference.total_ms, rel=1e-12)
+    overhead = {entry["backend"]: entry for entry in report.overhead}
+    assert set(overhead) == {"threads", "gloo"}
+    synced, unsynced = rows[OVERHEAD_WORKLOAD, SYNCBN_GLOO], rows[OVERHEAD_WORKLOAD, UNSYNCED_GLOO]
+    expected = (synced.total_ms - unsynced.total_ms) * 1e3 / OVERHEAD_LAYERS
+    assert overhead["gloo"]["total_us_per_layer"] == pytest.approx(expected)
+    assert report.as_dict()["overhead"] == report.overhead
+
+
+def test_cli_reports_overhead_per_layer():
+    result = invoke("--shapes", "4x3", "--replicas", "2", "--repeats", "1", "--warmup", "0", "--model", "none")
+    assert result.exit_code == 0, result.stderr
+    assert "synchronization overhead per BatchNorm layer call (threads, R = 2):" in result.stdout
+    assert "synchronization overhead per BatchNorm layer call (gloo, R = 2):" in result.stdout
+    assert SYNCBN_GLOO in result.stdout

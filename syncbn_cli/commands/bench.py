@@ -61,6 +61,20 @@ def bench(
     warmup: Warmup = DEFAULT_WARMUP,
     model: Model = DEFAULT_MODEL,
     model_batch_size: ModelBatchSize = DEFAULT_MODEL_BATCH,
+    processes: Annotated[
+        bool,
+        typer.Option(
+            "--processes/--no-processes",
+            help="Also time SyncBN and unsynced BN on R local gloo processes (CPU only).",
+        ),
+    ] = True,
+    overhead: Annotated[
+        bool,
+        typer.Option(
+            "--overhead/--no-overhead",
+            help="Also measure the synchronization cost per BatchNorm layer call (50 tiny layers).",
+        ),
+    ] = True,
     json: Json = False,
     csv: Csv = False,
 ) -> None:
@@ -68,8 +82,10 @@ def bench(
 
     Per shape: nn.BatchNorm on the full batch (the reference),
     SyncBN on 1 replica, SyncBN on R replicas (syncbn.DataParallel),
-    and unsynced per-replica BN on R replicas.
-    Then the same for a whole model's training step (--model).
+    and unsynced per-replica BN on R replicas; then SyncBN and unsynced BN on
+    R gloo processes (--no-processes to skip).
+    Then the same for a whole model's training step (--model), and the
+    synchronization overhead per layer call on 50 tiny layers (--no-overhead).
     Times are medians in ms after warm-up;
     ratio = (fwd + bwd) / nn.BatchNorm's (fwd + bwd), in the same run.
 
@@ -111,6 +127,8 @@ def bench(
                 model_name=model.rsplit(":", 1)[-1],
                 model_batch_size=model_batch_size,
                 progress=report_progress,
+                processes=processes,
+                overhead=overhead,
             )
         except ValueError as error:  # the library checks every argument before measuring
             raise BadInput(str(error)) from None
@@ -121,6 +139,7 @@ def bench(
         render.print_csv([row.as_dict() for row in report.rows])
     else:
         _print_tables(report)
+        _print_overhead(report)
 
 
 class _ProgressBar:
@@ -173,6 +192,20 @@ def _print_tables(report: BenchReport) -> None:
             render.make_table(
                 f"{workload} {shape}", ["impl", "replicas", "fwd ms", "bwd ms", "total ms", "ratio"], cells
             )
+        )
+
+
+def _print_overhead(report: BenchReport) -> None:
+    """Synchronization cost per layer call, one line per backend."""
+    if not report.overhead:
+        return
+    render.console.print()
+    for entry in report.overhead:
+        render.console.print(
+            f"synchronization overhead per BatchNorm layer call ({entry['backend']}, R = {entry['replicas']}): "
+            f"{entry['total_us_per_layer']:.0f} µs (forward {entry['fwd_us_per_layer']:.0f} µs, "
+            f"backward {entry['bwd_us_per_layer']:.0f} µs)",
+            markup=False,
         )
 
 
