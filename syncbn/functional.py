@@ -20,7 +20,8 @@ from torch import Tensor
 
 from syncbn.comm.distributed import all_gather_statistics, all_reduce_sum
 from syncbn.comm.threads import ReplicaContext
-from syncbn.stats import BatchStatistics, channel_view, compute_dtype, local_statistics, reduced_dims
+from syncbn.kernels import torch_ops as kernels
+from syncbn.stats import BatchStatistics
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
 # unsynchronized path must still reach torch's own kernel.
@@ -66,17 +67,79 @@ def sync_batch_norm(
         True
     """
     if training and replica is not None and replica.world_size > 1:
-        stats = replica.all_reduce_statistics(local_statistics(input))
+        mean, m2 = _LocalStatisticsFunction.apply(input)
+        count = input.numel() // input.size(1) if input.size(1) else 0
+        stats = replica.all_reduce_statistics(BatchStatistics(count, mean, m2))
         _check_count(stats.count, input, f"replica {replica.rank} of {replica.world_size}")
-        var = stats.m2 / max(stats.count, 1)
+        invstd = torch.rsqrt(stats.m2 / max(stats.count, 1) + eps)
         if running_mean is not None and running_var is not None and stats.count > 0:
             _update_running_statistics(running_mean, running_var, stats, momentum)
-        return _normalize(input, stats.mean, var, weight, bias, eps)
+        return _NormalizeFunction.apply(input, stats.mean, invstd, weight, bias)
     if training and process_group is not None:
         return _SyncBatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, momentum, eps, process_group
         )
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+# The threads way: two Functions with fused passes, joined by the differentiable merge.
+
+
+class _LocalStatisticsFunction(torch.autograd.Function):
+    """x -> this replica's (mean, M2) per channel, float64.
+
+    backward: d/dx of mean is 1/n, of M2 is 2 (x - mean), so
+    dx = dmean / n + 2 (x - mean) dM2 — affine in x, one centered affine pass.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, input: Tensor) -> tuple[Tensor, Tensor]:
+        stats = kernels.batch_statistics(input)
+        ctx.save_for_backward(input, stats.mean)
+        ctx.count = stats.count
+        return stats.mean, stats.m2
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_mean: Tensor, grad_m2: Tensor) -> Tensor:
+        input, mean = ctx.saved_tensors
+        if ctx.count == 0:
+            return torch.zeros_like(input)
+        grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
+        grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
+        return kernels.affine_in_deviation(input, mean, 2 * grad_m2, grad_mean / ctx.count).to(input.dtype)
+
+
+class _NormalizeFunction(torch.autograd.Function):
+    """(x, mean, invstd, weight, bias) -> (x - mean) * invstd * weight + bias, in one pass.
+
+    backward, from one fused pass giving dy * invstd * w, sum(dy) and sum(dy * xhat):
+    dmean = -invstd * w * sum(dy), dinvstd = w * sum(dy * xhat) / invstd,
+    dweight = sum(dy * xhat), dbias = sum(dy).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        input: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+    ) -> Tensor:
+        ctx.save_for_backward(input, mean, invstd, weight)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return kernels.normalize(input, mean, invstd, weight, bias)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, mean, invstd, weight = ctx.saved_tensors
+        grad_input, sum_dy, sum_dy_xhat = kernels.normalize_backward(grad_output, input, mean, invstd, weight)
+        w = weight.double() if weight is not None else 1.0
+        grad_mean = -invstd * w * sum_dy.double()
+        grad_invstd = w * sum_dy_xhat.double() / invstd
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        return grad_input.to(input.dtype), grad_mean, grad_invstd, grad_weight, grad_bias
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -100,36 +163,36 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         # An empty local batch still joins the all_gather (count 0): skipping it would
         # leave every other rank waiting.
-        stats = all_gather_statistics(local_statistics(input), group)
+        stats = all_gather_statistics(kernels.batch_statistics(input), group)
         _check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
-        var = stats.m2 / max(stats.count, 1)
+        invstd = torch.rsqrt(stats.m2 / max(stats.count, 1) + eps)
         if running_mean is not None and running_var is not None and stats.count > 0:
             _update_running_statistics(running_mean, running_var, stats, momentum)
-        dtype = compute_dtype(input.dtype)
-        ctx.save_for_backward(input, weight, stats.mean.to(dtype), torch.rsqrt(var + eps).to(dtype))
+        ctx.save_for_backward(input, weight, stats.mean, invstd)
         ctx.count = stats.count
         ctx.group = group
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return _normalize(input, stats.mean, var, weight, bias, eps)
+        return kernels.normalize(input, stats.mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, weight, mean, invstd = ctx.saved_tensors
-        dims = reduced_dims(input)
-        dy = grad_output.to(mean.dtype)
-        xhat = (input.to(mean.dtype) - channel_view(mean, input)) * channel_view(invstd, input)
-        local_sums = torch.stack([dy.sum(dims), (dy * xhat).sum(dims)])
+        grad_input, sum_dy, sum_dy_xhat = kernels.normalize_backward(grad_output, input, mean, invstd, weight)
         # Every rank joins, an empty one too (its sums are zeros).
-        global_sums = all_reduce_sum(local_sums.clone(), ctx.group) / max(ctx.count, 1)
-        grad_input = grad_weight = grad_bias = None
+        local_sums = torch.stack([sum_dy, sum_dy_xhat]).double()
+        global_means = all_reduce_sum(local_sums.clone(), ctx.group) / max(ctx.count, 1)
         if ctx.needs_input_grad[0]:
-            scale = invstd if weight is None else invstd * weight.to(mean.dtype)
-            centered = dy - channel_view(global_sums[0], input) - xhat * channel_view(global_sums[1], input)
-            grad_input = (centered * channel_view(scale, input)).to(input.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = local_sums[1].to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = local_sums[0].to(ctx.bias_dtype)
+            # dx = dy*invstd*w - w*invstd*(mean(dy) + xhat*mean(dy*xhat)): the correction
+            # is affine in (x - mean).
+            scale = invstd * (weight.double() if weight is not None else 1.0)
+            correction = kernels.affine_in_deviation(
+                input, mean, -scale * invstd * global_means[1], -scale * global_means[0]
+            )
+            grad_input = grad_input.to(correction.dtype).add_(correction).to(input.dtype)
+        else:
+            grad_input = None
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -149,19 +212,3 @@ def _update_running_statistics(
         unbiased_var = stats.m2 / (stats.count - 1)
         running_mean.mul_(1 - momentum).add_(stats.mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
-
-
-def _normalize(
-    input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    # (x - mean) * scale rather than x * scale + shift: the latter cancels
-    # catastrophically when |mean| >> std. Statistics arrive in float64 and are
-    # rounded once to the compute dtype.
-    dtype = compute_dtype(input.dtype)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    output = (input.to(dtype) - channel_view(mean.to(dtype), input)) * channel_view(scale.to(dtype), input)
-    if bias is not None:
-        output = output + channel_view(bias.to(dtype), input)
-    return output.to(input.dtype)

@@ -1,0 +1,109 @@
+"""SyncBN's per-replica passes over the batch, built from torch's fastest CPU kernels.
+
+Why not plain tensor expressions: on an NCHW tensor, broadcasting a per-channel vector
+(``x - mean.view(1, C, 1, 1)``) runs about 5x slower than BatchNorm's own inference
+kernel, which applies ``x * alpha[c] + beta[c]`` in one vectorized pass, and torch's
+training-mode forward spends most of its time on a slow variance. So each pass here is
+one of three kernels (measured on a 2-core CPU, float32, 32x64x56x56: a copy of the
+tensor takes 1.4 ms):
+
+- ``x.sum(dims)``: per-channel sum, 0.5 ms;
+- ``F.batch_norm(..., training=False)``: the affine pass ``x * alpha + beta``, 1.1 ms;
+  with ``alpha = 1`` and ``beta = -mean`` it is exactly ``x - mean`` (no cancellation);
+- ``native_batch_norm_backward(..., train=False)``: ``dy * invstd * w`` together with
+  the per-channel sums of ``dy`` and ``dy * xhat``, 3.3 ms.
+
+Passes over memory: statistics read x three times and write one temporary
+(sum; x - mean; sum and sum of squares of that); the output is one pass; the backward
+is one fused pass plus one affine pass for the statistics' share of the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from syncbn.stats import BatchStatistics, compute_dtype, reduced_dims
+
+
+def centered(input: Tensor, mean: Tensor) -> Tensor:
+    """``input - mean`` per channel, exactly rounded, in the compute dtype.
+
+    BatchNorm's inference kernel with ``alpha = 1`` (variance 1, eps 0, no weight) and
+    ``beta = -mean`` computes ``x * 1 + (-mean)``: one rounding, like a subtraction.
+    """
+    values = input if input.dtype in (torch.float32, torch.float64) else input.to(compute_dtype(input.dtype))
+    mean = mean.to(values.dtype)
+    return F.batch_norm(values, mean, torch.ones_like(mean), None, None, False, 0.0, 0.0)
+
+
+def batch_statistics(input: Tensor) -> BatchStatistics:
+    """Count, mean and M2 per channel (float64 results, float32 passes), without autograd.
+
+    The mean is compensated: ``center`` is the float32 mean, and the exact mean of
+    ``x - center`` (exact while |x - mean| << |mean|) corrects it in float64.
+    """
+    channels = input.size(1)
+    count = input.numel() // channels if channels else 0
+    if count == 0:
+        zeros = torch.zeros(channels, dtype=torch.float64, device=input.device)
+        return BatchStatistics(0, zeros, zeros)
+    dims = reduced_dims(input)
+    with torch.no_grad():
+        center = input.sum(dims, dtype=compute_dtype(input.dtype)) / count
+        deviations = centered(input, center)
+        correction = deviations.sum(dims).double() / count
+        m2 = (deviations * deviations).sum(dims).double() - count * correction.square()
+    return BatchStatistics(count, center.double() + correction, m2)
+
+
+def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``(x - mean) * invstd * weight + bias`` in one pass; output in ``input``'s dtype and layout.
+
+    Done by BatchNorm's inference kernel with ``var = invstd**-2`` and ``eps = 0``, so
+    ``mean`` and ``invstd`` (float64 from the merge) are rounded once, to the compute dtype.
+    """
+    dtype = compute_dtype(input.dtype)
+    var = invstd.double().pow(-2).to(dtype)
+    return F.batch_norm(input, mean.to(dtype), var, _as(weight, dtype), _as(bias, dtype), False, 0.0, 0.0)
+
+
+def normalize_backward(
+    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For ``y = (x - mean) * invstd * w + b``: ``dy * invstd * w``, ``sum(dy)``, ``sum(dy * xhat)``.
+
+    One fused pass (BatchNorm's backward kernel in inference mode). Sums are per channel,
+    in the compute dtype.
+    """
+    dtype = compute_dtype(input.dtype)
+    if input.numel() == 0:  # torch's kernel divides by the element count
+        zeros = torch.zeros(input.size(1), dtype=dtype, device=input.device)
+        return grad_output.to(input.dtype, copy=True), zeros, zeros.clone()
+    var = invstd.double().pow(-2).to(dtype)
+    w = _as(weight, dtype) if weight is not None else torch.ones_like(var)
+    grad_input, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_output, input, w, mean.to(dtype), var, None, None, False, 0.0, [True, True, True]
+    )
+    return grad_input, sum_dy, sum_dy_xhat
+
+
+def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
+    """``(x - mean) * slope + offset`` per channel, in the compute dtype: two passes.
+
+    Gradients of the statistics are affine in x. One inference-kernel pass would compute
+    ``x * slope + (offset - mean * slope)``, which cancels when |mean| >> std; centering
+    first keeps every term small.
+    """
+    dtype = compute_dtype(input.dtype)
+    return _affine(centered(input, mean.to(dtype)), slope.to(dtype), offset.to(dtype))
+
+
+def _affine(values: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
+    zeros = torch.zeros_like(slope)
+    return F.batch_norm(values, zeros, torch.ones_like(slope), slope, offset, False, 0.0, 0.0)
+
+
+def _as(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
