@@ -179,7 +179,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         input, weight, mean, invstd = ctx.saved_tensors
         grad_input, sum_dy, sum_dy_xhat = kernels.normalize_backward(grad_output, input, mean, invstd, weight)
         # Every rank joins, an empty one too (its sums are zeros).
-        local_sums = torch.stack([sum_dy, sum_dy_xhat]).double()
+        local_sums = torch.stack([sum_dy, sum_dy_xhat])
         global_means = all_reduce_sum(local_sums.clone(), ctx.group) / max(ctx.count, 1)
         if ctx.needs_input_grad[0]:
             # dx = dy*invstd*w - w*invstd*(mean(dy) + xhat*mean(dy*xhat)): the correction

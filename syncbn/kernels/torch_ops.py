@@ -61,12 +61,17 @@ def batch_statistics(input: Tensor) -> BatchStatistics:
 def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """``(x - mean) * invstd * weight + bias`` in one pass; output in ``input``'s dtype and layout.
 
-    Done by BatchNorm's inference kernel with ``var = invstd**-2`` and ``eps = 0``, so
-    ``mean`` and ``invstd`` (float64 from the merge) are rounded once, to the compute dtype.
+    Done by BatchNorm's inference kernel as ``(x - mean32) * scale + shift``, where
+    ``mean32`` is the float64 mean rounded to the compute dtype and ``shift`` carries the
+    rounding residue ``(mean - mean32) * scale`` exactly.
     """
     dtype = compute_dtype(input.dtype)
-    var = invstd.double().pow(-2).to(dtype)
-    return F.batch_norm(input, mean.to(dtype), var, _as(weight, dtype), _as(bias, dtype), False, 0.0, 0.0)
+    mean = mean.double()
+    rounded = mean.to(dtype)
+    scale = invstd.double() * (weight.double() if weight is not None else 1.0)
+    shift = (bias.double() if bias is not None else 0.0) - (mean - rounded.double()) * scale
+    ones = torch.ones_like(rounded)
+    return F.batch_norm(input, rounded, ones, scale.to(dtype), shift.to(dtype), False, 0.0, 0.0)
 
 
 def normalize_backward(
@@ -74,19 +79,24 @@ def normalize_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """For ``y = (x - mean) * invstd * w + b``: ``dy * invstd * w``, ``sum(dy)``, ``sum(dy * xhat)``.
 
-    One fused pass (BatchNorm's backward kernel in inference mode). Sums are per channel,
-    in the compute dtype.
+    One fused pass (BatchNorm's backward kernel in inference mode). The per-channel sums
+    are returned in float64.
     """
     dtype = compute_dtype(input.dtype)
     if input.numel() == 0:  # torch's kernel divides by the element count
-        zeros = torch.zeros(input.size(1), dtype=dtype, device=input.device)
+        zeros = torch.zeros(input.size(1), dtype=torch.float64, device=input.device)
         return grad_output.to(input.dtype, copy=True), zeros, zeros.clone()
-    var = invstd.double().pow(-2).to(dtype)
+    # The kernel works with mean32 (the mean rounded to the compute dtype) and invstd32;
+    # sum(dy * xhat) is corrected for both in float64: the residue times sum(dy).
+    mean, invstd = mean.double(), invstd.double()
+    rounded_mean, var = mean.to(dtype), invstd.pow(-2).to(dtype)
     w = _as(weight, dtype) if weight is not None else torch.ones_like(var)
     grad_input, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_output, input, w, mean.to(dtype), var, None, None, False, 0.0, [True, True, True]
+        grad_output, input, w, rounded_mean, var, None, None, False, 0.0, [True, True, True]
     )
-    return grad_input, sum_dy, sum_dy_xhat
+    kernel_invstd = var.double().rsqrt()
+    sum_dy_deviation = sum_dy_xhat.double() / kernel_invstd - (mean - rounded_mean.double()) * sum_dy.double()
+    return grad_input, sum_dy.double(), sum_dy_deviation * invstd
 
 
 def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
@@ -97,7 +107,11 @@ def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tens
     first keeps every term small.
     """
     dtype = compute_dtype(input.dtype)
-    return _affine(centered(input, mean.to(dtype)), slope.to(dtype), offset.to(dtype))
+    mean = mean.double()
+    rounded = mean.to(dtype)
+    # (x - mean) * slope + offset == (x - mean32) * slope + (offset - (mean - mean32) * slope)
+    offset = offset.double() - (mean - rounded.double()) * slope.double()
+    return _affine(centered(input, rounded), slope.to(dtype), offset.to(dtype))
 
 
 def _affine(values: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
