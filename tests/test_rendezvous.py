@@ -169,7 +169,8 @@ class Misbehaving(nn.Module):
         ("raise", ValueError, "replica refused its input"),
         ("skip", syncbn.SyncBNTimeoutError, "every replica must call each SyncBN layer the same number of times"),
         ("twice", syncbn.SyncBNTimeoutError, "every replica must call each SyncBN layer the same number of times"),
-        ("stall", syncbn.SyncBNTimeoutError, "did not arrive within 1 s"),
+        # replicas take turns: the stalled one holds the turn, so its peers report it
+        ("stall", syncbn.SyncBNTimeoutError, "replica 3 did not reach its next SyncBN call within 1 s"),
     ],
 )
 def test_misbehaving_replica_fails_every_replica_then_next_forward_works(mode, root_error, text):

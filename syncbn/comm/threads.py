@@ -8,6 +8,14 @@ follows the graph across replicas by itself. That is not only simpler, it is req
 on the CPU the autograd engine runs every replica's backward on *one* thread, so a
 blocking exchange inside a backward would wait for a peer that can never run.
 
+Replicas take turns: one replica thread runs at a time and hands the turn on when it
+waits at a rendezvous or finishes; the last to arrive merges and runs on. Why: R Python
+threads running at once fight over the GIL at every tensor op (each op releases and
+re-acquires it), which made a SyncBN call on a tiny tensor 10x slower than the work it
+does; and R replicas each starting their own intra-op thread pool oversubscribe the
+cores. Taking turns, each replica's ops get every core, and the order of work, and so
+the result, is the same on every run.
+
 A rendezvous that cannot complete never hangs: waiting replicas raise
 ``SyncBNTimeoutError`` after ``timeout`` seconds, at once when a peer finished its
 forward without making the call or when every live replica waits at a different call,
@@ -80,12 +88,28 @@ class ReplicaGroup:
             raise ValueError(f"timeout must be a positive number of seconds (got {timeout})")
         self.world_size = world_size
         self.timeout = float(timeout)
-        self._cond = threading.Condition()
+        # One condition per rank, all on one lock: handing the turn on wakes exactly the
+        # replica that gets it (notify_all would wake R-1 threads to go back to sleep).
+        self._lock = threading.Lock()
+        self._wakeups = [threading.Condition(self._lock) for _ in range(world_size)]
         self._slots: dict[tuple[str, int], _Slot] = {}
         self._calls: Counter[tuple[int, str]] = Counter()
         self._waiting: dict[int, tuple[str, int]] = {}
         self._finished: set[int] = set()
         self._abort: _Abort | None = None
+        self._turn = 0  # the rank whose thread may run now
+
+    def begin(self, rank: int) -> None:
+        """Block until it is ``rank``'s turn to start its forward (rank 0 starts at once).
+
+        Raises:
+            SyncBNTimeoutError: no turn came within ``timeout`` (a peer is stuck), or the
+                group was aborted.
+        """
+        with self._lock:
+            self._wait_for_turn(rank, f"replica {rank} never got its turn to start")
+            if self._abort is not None:
+                raise self._error(("<start>", 0), _Slot())
 
     def exchange(self, rank: int, layer: str, value: Any, combine: Callable[[list[Any]], Any]) -> Any:
         """Post ``value`` for this rank's next call of ``layer``; return ``combine(all values)``.
@@ -97,7 +121,7 @@ class ReplicaGroup:
             SyncBNTimeoutError: a peer never arrived, or can no longer arrive.
             SyncBNPeerError: a peer raised.
         """
-        with self._cond:
+        with self._lock:
             call = self._calls[(rank, layer)]
             self._calls[(rank, layer)] += 1
             key = (layer, call)
@@ -107,34 +131,37 @@ class ReplicaGroup:
                 raise self._error(key, slot)
             if len(slot.values) < self.world_size:
                 return self._wait(rank, key, slot)
+            # Last to arrive: keep the turn, merge, and run on.
         # Last to arrive: combine outside the lock so waiting threads are not blocked.
         try:
             result = combine([slot.values[r] for r in range(self.world_size)])
         except BaseException as error:
             self.fail(rank, error)
             raise
-        with self._cond:
-            slot.result = result
-            self._cond.notify_all()
+        with self._lock:
+            slot.result = result  # the waiting replicas read it when their turn comes
         return result
 
     def finish(self, rank: int) -> None:
         """Record that ``rank`` returned from its forward: it will make no more calls."""
-        with self._cond:
+        with self._lock:
             self._finished.add(rank)
             self._check_progress()
+            self._pass_turn(rank)
 
     def fail(self, rank: int, error: BaseException) -> None:
         """Record that ``rank`` raised ``error``; every waiting peer raises ``SyncBNPeerError``."""
-        with self._cond:
+        with self._lock:
             self._finished.add(rank)
             if self._abort is None:
                 self._set_abort(_Abort(f"replica {rank} raised {type(error).__name__}: {error}", peer_error=error))
+            self._pass_turn(rank)
 
     def _wait(self, rank: int, key: tuple[str, int], slot: _Slot) -> Any:
         self._waiting[rank] = key
         try:
             self._check_progress()
+            self._pass_turn(rank)
             deadline = time.monotonic() + self.timeout
             while slot.result is _PENDING and self._abort is None:
                 remaining = deadline - time.monotonic()
@@ -142,12 +169,36 @@ class ReplicaGroup:
                     missing = sorted(set(range(self.world_size)) - set(slot.values))
                     self._set_abort(_Abort(f"replica(s) {missing} did not arrive within {self.timeout:g} s"))
                     break
-                self._cond.wait(remaining)
+                self._wakeups[rank].wait(remaining)
             if slot.result is not _PENDING:
+                self._wait_for_turn(rank, f"replica {self._turn} did not reach its next SyncBN call")
+            if slot.result is not _PENDING and self._abort is None:
                 return slot.result
             raise self._error(key, slot)
         finally:
             del self._waiting[rank]
+
+    def _wait_for_turn(self, rank: int, reason: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self._turn != rank and self._abort is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._set_abort(_Abort(f"{reason} within {self.timeout:g} s"))
+                return
+            self._wakeups[rank].wait(remaining)
+
+    def _pass_turn(self, rank: int) -> None:
+        """Hand the turn from ``rank`` to the next replica that can run, in rank order."""
+        if self._turn != rank:
+            return
+        for step in range(1, self.world_size + 1):
+            other = (rank + step) % self.world_size
+            waiting_at = self._waiting.get(other)
+            blocked = waiting_at is not None and len(self._slots[waiting_at].values) < self.world_size
+            if other not in self._finished and not blocked:
+                self._turn = other
+                self._wakeups[other].notify()
+                return
 
     def _check_progress(self) -> None:
         """Abort at once when some waiting replica can provably never be joined."""
@@ -178,7 +229,8 @@ class ReplicaGroup:
 
     def _set_abort(self, abort: _Abort) -> None:
         self._abort = abort
-        self._cond.notify_all()
+        for wakeup in self._wakeups:
+            wakeup.notify_all()
 
     def _error(self, key: tuple[str, int], slot: _Slot) -> SyncBNTimeoutError:
         layer, call = key

@@ -74,6 +74,7 @@ def parallel_apply(
         enabled, dtype = autocast[device.type]
         _current.rank = rank
         try:
+            group.begin(rank)
             with (
                 torch.set_grad_enabled(grad_enabled),
                 torch.autocast(device.type, dtype=dtype, enabled=enabled),
