@@ -72,7 +72,8 @@ def sync_batch_norm(
         stats = replica.all_reduce_statistics(BatchStatistics(count, mean, m2))
         _check_count(stats.count, input, f"replica {replica.rank} of {replica.world_size}")
         invstd = torch.rsqrt(stats.m2 / max(stats.count, 1) + eps)
-        if running_mean is not None and running_var is not None and stats.count > 0:
+        # Only replica 0's buffers are the master's; the others' copies are discarded.
+        if replica.rank == 0 and running_mean is not None and running_var is not None and stats.count > 0:
             _update_running_statistics(running_mean, running_var, stats, momentum)
         return _NormalizeFunction.apply(input, stats.mean, invstd, weight, bias)
     if training and process_group is not None:

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
 from syncbn.stats import BatchStatistics, merge_statistics
@@ -273,8 +274,39 @@ class ReplicaContext:
 
 def _merge_on_first_device(parts: list[BatchStatistics]) -> BatchStatistics:
     device = parts[0].mean.device
-    moved = [BatchStatistics(p.count, p.mean.to(device), p.m2.to(device)) for p in parts]
-    return merge_statistics(moved)
+    counts = tuple(p.count for p in parts)
+    tensors = [p.mean.to(device) for p in parts] + [p.m2.to(device) for p in parts]
+    mean, m2 = _MergeFunction.apply(counts, *tensors)
+    return BatchStatistics(sum(counts), mean, m2)
+
+
+class _MergeFunction(torch.autograd.Function):
+    """Chan's merge as one autograd node (a dozen small ops would each cost a node).
+
+    forward: ``merge_statistics``. backward, with n = sum n_i:
+    dmean_i = n_i / n * dmean + 2 n_i (mean_i - mean) * dM2, and dM2_i = dM2
+    (the mean's own dependence on mean_i cancels: sum n_i (mean_i - mean) = 0).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, counts: tuple[int, ...], *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        half = len(counts)
+        means, m2s = tensors[:half], tensors[half:]
+        merged = merge_statistics([BatchStatistics(n, m, q) for n, m, q in zip(counts, means, m2s, strict=True)])
+        ctx.counts = counts
+        ctx.save_for_backward(*means, merged.mean)
+        return merged.mean, merged.m2
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_m2: Tensor | None) -> tuple[Tensor | None, ...]:
+        *means, mean = ctx.saved_tensors
+        total = max(sum(ctx.counts), 1)
+        grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
+        grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
+        grad_means = [
+            n / total * grad_mean + 2 * n * (m - mean) * grad_m2 for n, m in zip(ctx.counts, means, strict=True)
+        ]
+        return (None, *grad_means, *(grad_m2 for _ in means))
 
 
 def bind_replica(module: nn.Module, context: ReplicaContext) -> None:
