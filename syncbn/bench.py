@@ -303,7 +303,9 @@ def run_benchmark(
         1.0
     """
     shapes = [tuple(shape) for shape in shapes]
-    _check_arguments(shapes, replicas, device, dtype, repeats, warmup, model, model_input_shape, model_batch_size)
+    _check_arguments(
+        shapes, replicas, device, dtype, repeats, warmup, model, model_input_shape, model_batch_size, overhead
+    )
     replicas = replicas if replicas is not None else default_replicas(device)
     for shape in shapes:
         _check_splittable(shape, replicas)
@@ -559,9 +561,10 @@ def _check_arguments(
     model: nn.Module | None,
     model_input_shape: Sequence[int] | None,
     model_batch_size: int,
+    overhead: bool = False,
 ) -> None:
-    if not shapes and model is None:
-        raise ValueError("nothing to measure: give at least one shape or a model")
+    if not shapes and model is None and not overhead:
+        raise ValueError("nothing to measure: give at least one shape, a model, or the overhead workload")
     for shape in shapes:
         if not (2 <= len(shape) <= 5 and all(isinstance(d, int) and d >= 1 for d in shape)):
             raise ValueError(f"expected shapes of 2 to 5 positive integers (N, C, *) (got {shape!r})")

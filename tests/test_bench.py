@@ -299,3 +299,29 @@ def test_cli_reports_overhead_per_layer():
     assert "synchronization overhead per BatchNorm layer call (threads, R = 2):" in result.stdout
     assert "synchronization overhead per BatchNorm layer call (gloo, R = 2):" in result.stdout
     assert SYNCBN_GLOO in result.stdout
+
+
+def test_perf_suite_reports_every_target_against_nn_batch_norm():
+    result = invoke("--suite", "perf", "--repeats", "1", "--warmup", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    targets = {target["name"]: target for target in document["targets"]}
+    for name in (
+        "1 replica, BatchNorm2d 32x64x56x56 NCHW",
+        "1 replica, BatchNorm2d 32x256x14x14 channels_last",
+        "R=4 threads, BatchNorm2d 32x64x56x56 NCHW",
+        "1 replica, BatchNorm1d 256x1024",
+        "sync overhead per layer call, threads R=4",
+        "sync overhead per layer call, gloo 2 processes",
+        "peak memory, R=1, BatchNorm2d 32x64x56x56",
+    ):
+        target = targets[name]
+        assert target["measured"] > 0
+        assert target["passed"] == (None if target["target"] is None else target["measured"] <= target["target"])
+    assert {"torch", "threads", "platform", "date"} <= set(document["machine"])
+
+
+def test_unknown_suite_is_bad_input():
+    result = invoke("--suite", "fast")
+    assert result.exit_code == 2
+    assert result.stderr == "error: --suite must be default or perf (got 'fast')\n"

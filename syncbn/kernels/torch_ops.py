@@ -63,7 +63,8 @@ def batch_statistics(input: Tensor) -> BatchStatistics:
         center = input.sum(dims, dtype=compute_dtype(input.dtype)) / count
         deviations = centered(input, center)
         correction = deviations.sum(dims).double() / count
-        m2 = (deviations * deviations).sum(dims).double() - count * correction.square()
+        # Squared in place: no second batch-sized temporary.
+        m2 = deviations.square_().sum(dims).double() - count * correction.square()
     return BatchStatistics(count, center.double() + correction, m2)
 
 

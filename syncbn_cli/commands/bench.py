@@ -20,6 +20,7 @@ from syncbn.bench import (
     parse_shapes,
     run_benchmark,
 )
+from syncbn.perf import run_perf_suite
 from syncbn_cli import render
 from syncbn_cli.errors import BadInput, require_positive
 from syncbn_cli.io import build_from_factory
@@ -75,6 +76,14 @@ def bench(
             help="Also measure the synchronization cost per BatchNorm layer call (50 tiny layers).",
         ),
     ] = True,
+    suite: Annotated[
+        str,
+        typer.Option(
+            "--suite",
+            help="default: the tables below. perf: the performance targets (1 replica <= 1.0x, R=4 <= 1.2x, "
+            "sync overhead <= 100 µs per layer call, peak memory <= 1.1x), each measured against nn.BatchNorm.",
+        ),
+    ] = "default",
     json: Json = False,
     csv: Csv = False,
 ) -> None:
@@ -92,9 +101,16 @@ def bench(
     Example:
 
         syncbn bench --shapes 32x64x56x56,256x1024 --replicas 4 --repeats 10 --csv
+
+        syncbn bench --suite perf
     """
     if json and csv:
         raise BadInput("--json and --csv exclude each other: pick one output format")
+    if suite not in ("default", "perf"):
+        raise BadInput(f"--suite must be default or perf (got {suite!r})")
+    if suite == "perf":
+        _perf_suite(repeats, warmup, json, csv)
+        return
     require_positive(replicas=replicas)
     if repeats < 1 or warmup < 0:
         raise BadInput(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats} and {warmup})")
@@ -211,3 +227,36 @@ def _print_overhead(report: BenchReport) -> None:
 
 def _ms(value: float) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def _perf_suite(repeats: int, warmup: int, json: bool, csv: bool) -> None:
+    """``--suite perf``: every target with its measured figure and verdict."""
+    if repeats < 1 or warmup < 0:
+        raise BadInput(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats} and {warmup})")
+    with _ProgressBar() as report_progress:
+        report = run_perf_suite(repeats=repeats, warmup=warmup, progress=report_progress)
+    if json:
+        render.print_json(report.as_dict())
+        return
+    if csv:
+        render.print_csv([target.as_dict() for target in report.targets])
+        return
+    machine = report.machine
+    render.console.print(
+        f"machine: {machine['platform']}\ncpu: {machine['cpu']}, {machine['cores']} cores · torch {machine['torch']}, "
+        f"{machine['threads']} threads\ndate: {machine['date']} · load average: {machine['load']} · float32, "
+        f"forward + backward, ratios to nn.BatchNorm in the same run",
+        markup=False,
+    )
+    cells = []
+    for target in report.targets:
+        measured = f"{target.measured:.2f}x" if target.unit == "x" else f"{target.measured:.0f} µs"
+        bound = (
+            "-"
+            if target.target is None
+            else (f"<= {target.target:g}x" if target.unit == "x" else f"<= {target.target:g} µs")
+        )
+        status = "reported" if target.passed is None else ("ok" if target.passed else "MISSED")
+        cells.append((target.name, measured, bound, status))
+    render.console.print()
+    render.console.print(render.make_table("Performance targets", ["measure", "measured", "target", "status"], cells))

@@ -1,0 +1,179 @@
+"""The performance targets SyncBN is held to, measured against ``torch.nn.BatchNorm`` in one run.
+
+Every figure is a ratio to ``nn.BatchNorm`` measured in the same process a moment
+before (forward + backward medians, float32, see ``syncbn.bench``), or an absolute cost
+where the target is one:
+
+- one replica (no synchronization): SyncBatchNorm2d on (32,64,56,56) and (32,256,14,14),
+  NCHW and channels_last, and SyncBatchNorm1d on (256,1024): at most 1.0x;
+- R = 4 virtual CPU replicas (``syncbn.DataParallel``) against ``nn.BatchNorm2d`` on the
+  full batch, on the same 2-D shapes: at most 1.2x;
+- synchronization overhead per BatchNorm layer call on tiny tensors (50 layers), R = 4
+  threads: at most 100 µs; and the same for 2 gloo processes (reported);
+- peak memory of forward + backward: at most 1.1x ``nn.BatchNorm``'s (one replica; with
+  R replicas DataParallel's gather and scatter add a copy each, reported).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from syncbn.bench import SYNCBN, BenchReport, machine_info, run_benchmark
+from syncbn.convert import convert_model
+from syncbn.parallel import DataParallel
+
+RATIO_SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14))
+BN1D_SHAPE = (256, 1024)
+MEMORY_SHAPE = (32, 64, 56, 56)
+REPLICAS = 4
+
+
+@dataclass
+class PerfTarget:
+    """One measured figure next to its target.
+
+    Attributes:
+        name: what was measured, e.g. ``"1 replica, BatchNorm2d 32x64x56x56 NCHW"``.
+        measured: the figure (a ratio, or microseconds).
+        target: the bound it must not exceed (None: reported only).
+        unit: ``"x"`` for ratios to nn.BatchNorm, ``"µs"`` for times.
+    """
+
+    name: str
+    measured: float
+    target: float | None
+    unit: str
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.target is None else self.measured <= self.target
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class PerfReport:
+    """The targets, the runs they came from, and the machine."""
+
+    targets: list[PerfTarget]
+    runs: list[BenchReport]
+    machine: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "targets": [target.as_dict() for target in self.targets],
+            "rows": [row.as_dict() for run in self.runs for row in run.rows],
+        }
+
+
+def run_perf_suite(
+    *, repeats: int = 10, warmup: int = 2, progress: Callable[[int, int, str], None] | None = None
+) -> PerfReport:
+    """Measure every target of this module's docstring on the CPU (takes a minute or two).
+
+    Example:
+        >>> # run_perf_suite().targets[0].name -> '1 replica, BatchNorm2d 32x64x56x56 NCHW'
+    """
+    steps = 5
+    runs, targets = [], []
+
+    def step(done: int, label: str) -> None:
+        if progress is not None:
+            progress(done, steps, label)
+
+    for done, channels_last in enumerate((False, True)):
+        layout = "channels_last" if channels_last else "NCHW"
+        step(done, f"BatchNorm2d, {layout}")
+        run = run_benchmark(
+            RATIO_SHAPES, replicas=REPLICAS, channels_last=channels_last, repeats=repeats, warmup=warmup,
+            processes=False, overhead=False,
+        )  # fmt: skip
+        runs.append(run)
+        for shape in RATIO_SHAPES:
+            text = "x".join(map(str, shape))
+            rows = {(r.impl, r.replicas): r for r in run.rows if r.shape == text}
+            targets.append(PerfTarget(f"1 replica, BatchNorm2d {text} {layout}", rows[SYNCBN, 1].ratio, 1.0, "x"))
+            targets.append(
+                PerfTarget(f"R={REPLICAS} threads, BatchNorm2d {text} {layout}", rows[SYNCBN, REPLICAS].ratio, 1.2, "x")
+            )
+    step(2, "BatchNorm1d")
+    run = run_benchmark(
+        [BN1D_SHAPE], replicas=REPLICAS, repeats=repeats, warmup=warmup, processes=False, overhead=False
+    )
+    runs.append(run)
+    rows = {(r.impl, r.replicas): r for r in run.rows}
+    targets.append(PerfTarget("1 replica, BatchNorm1d 256x1024", rows[SYNCBN, 1].ratio, 1.0, "x"))
+    step(3, "synchronization overhead")
+    threads = run_benchmark([], replicas=REPLICAS, repeats=repeats, warmup=warmup, processes=False, overhead=True)
+    gloo = run_benchmark([], replicas=2, repeats=repeats, warmup=warmup, processes=True, overhead=True)
+    runs += [threads, gloo]
+    by_backend = {(e["backend"], e["replicas"]): e for e in threads.overhead + gloo.overhead}
+    targets.append(
+        PerfTarget(
+            f"sync overhead per layer call, threads R={REPLICAS}",
+            by_backend["threads", REPLICAS]["total_us_per_layer"],
+            100.0,
+            "µs",
+        )
+    )
+    targets.append(
+        PerfTarget(
+            "sync overhead per layer call, gloo 2 processes", by_backend["gloo", 2]["total_us_per_layer"], None, "µs"
+        )
+    )
+    step(4, "peak memory")
+    reference = peak_memory_mb(MEMORY_SHAPE, synchronized=False, replicas=1)
+    text = "x".join(map(str, MEMORY_SHAPE))
+    for replicas, bound in ((1, 1.1), (REPLICAS, None)):
+        measured = peak_memory_mb(MEMORY_SHAPE, synchronized=True, replicas=replicas)
+        # With R replicas DataParallel itself gathers the output and joins the input
+        # gradient (one full-batch copy each), as nn.DataParallel does: reported only.
+        targets.append(PerfTarget(f"peak memory, R={replicas}, BatchNorm2d {text}", measured / reference, bound, "x"))
+    step(steps, "done")
+    return PerfReport(targets=targets, runs=runs, machine=machine_info("cpu"))
+
+
+def peak_memory_mb(shape: tuple[int, ...], *, synchronized: bool, replicas: int) -> float:
+    """Peak extra memory (MiB) of one forward + backward, measured in a fresh forked process.
+
+    The process's peak resident size after the step minus before it: everything the step
+    allocated and held at once (saved tensors, output, gradients).
+    """
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_measure_peak, args=(shape, synchronized, replicas, queue), daemon=True)
+    child.start()
+    try:
+        return queue.get(timeout=300)
+    except Exception as error:  # noqa: BLE001 - a stuck or crashed child
+        raise RuntimeError(f"measuring peak memory failed: the child process gave no result ({error!r})") from None
+    finally:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+
+
+def _measure_peak(shape: tuple[int, ...], synchronized: bool, replicas: int, queue: Any) -> None:
+    # A forked child must not use the parent's OpenMP pool (its threads are not there).
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layer: nn.Module = nn.BatchNorm2d(shape[1])
+    if synchronized:
+        layer = DataParallel(convert_model(layer), replicas=replicas) if replicas > 1 else convert_model(layer)
+    x = torch.randn(shape).requires_grad_()
+    cotangent = torch.randn(shape)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    layer(x).backward(cotangent)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((after - before) / 1024.0)  # ru_maxrss is in KiB on Linux
+
+
