@@ -51,7 +51,18 @@ def run_synchronized(
     """Bind ``replicas`` (copies of ``module``) to a new group and run them in threads."""
     group = ReplicaGroup(len(replicas), timeout)
     bind_replicas(module, replicas, group)
-    return parallel_apply(replicas, args, kwargs, devices, group)
+    if any(device.type != "cpu" for device in devices):
+        return parallel_apply(replicas, args, kwargs, devices, group)
+    # Virtual CPU replicas take turns on the cores (see syncbn.comm.threads). Each op of a
+    # replica thread runs on one intra-op thread: an OpenMP region started from a fresh,
+    # non-main thread costs ~50 µs to wake its team (~0.4 ms to create it), more than most
+    # per-shard ops take. Restored before the backward, which runs on this thread.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return parallel_apply(replicas, args, kwargs, devices, group)
+    finally:
+        torch.set_num_threads(saved)
 
 
 class DataParallel(nn.Module):
