@@ -175,5 +175,3 @@ def _measure_peak(shape: tuple[int, ...], synchronized: bool, replicas: int, que
     layer(x).backward(cotangent)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put((after - before) / 1024.0)  # ru_maxrss is in KiB on Linux
-
-

@@ -1,4 +1,4 @@
-"""Per-channel batch statistics: local (count, mean, M2) and Chan's parallel merge.
+"""Per-channel batch statistics (count, mean, M2) and Chan's parallel merge.
 
 Why not sums of x and x**2: ``var = E[x^2] - E[x]^2`` cancels catastrophically when
 |mean| >> std (an input offset by 1e4 loses every significant digit in float32). We
@@ -10,8 +10,9 @@ mean (M2), and merge replicas with the pairwise formula of Chan, Golub & LeVeque
     mu = mu_ref + sum n_i (mu_i - mu_ref) / n
     M2 = sum M2_i + sum n_i (mu_i - mu)^2
 
-All of it is made of differentiable tensor ops, so autograd carries gradients from the
-merged statistics back to every replica's input (see ``syncbn/comm/threads.py``).
+A replica's own statistics come from ``syncbn.kernels.torch_ops.batch_statistics``;
+the merge is made of differentiable tensor ops (``syncbn.comm.threads`` wraps it in one
+autograd node with the same gradient).
 """
 
 from __future__ import annotations
@@ -57,56 +58,6 @@ def reduced_dims(input: Tensor) -> list[int]:
     return [0, *range(2, input.dim())]
 
 
-def channel_view(stat: Tensor, input: Tensor) -> Tensor:
-    """Reshape a ``(C,)`` tensor so it broadcasts against ``input`` of shape ``(N, C, ...)``.
-
-    Example:
-        >>> channel_view(torch.zeros(3), torch.zeros(2, 3, 4, 5)).shape
-        torch.Size([1, 3, 1, 1])
-    """
-    return stat.view(1, -1, *([1] * (input.dim() - 2)))
-
-
-def local_statistics(input: Tensor) -> BatchStatistics:
-    """Count, mean and M2 per channel of ``input``.
-
-    The passes over the batch run in float32 (float64 for float64 input); the ``(C,)``
-    results are float64. Why: a float32 mean near 1e4 is off by up to 5e-4 from rounding
-    alone, and merging replicas multiplies that into M2 through ``(mean_i - mean)^2``. So
-    the mean is taken twice: a rounded ``center``, then the exact mean of ``x - center``
-    (exact in float32 while |x - mean| << |mean|); their float64 sum is the mean to full
-    precision, at the cost of one extra per-channel sum over the batch.
-
-    An empty input gives zeros, so that it can join a merge with weight ``count=0``.
-
-    Args:
-        input: tensor of shape ``(N, C, *)``, any floating dtype and memory format.
-
-    Returns:
-        ``BatchStatistics`` whose tensors carry autograd history back to ``input``.
-
-    Example:
-        >>> stats = local_statistics(torch.tensor([[1.0], [3.0]]))
-        >>> stats.count, stats.mean.tolist(), stats.m2.tolist()
-        (2, [2.0], [2.0])
-    """
-    channels = input.size(1)
-    count = input.numel() // channels if channels else 0
-    if count == 0:
-        zeros = torch.zeros(channels, dtype=torch.float64, device=input.device)
-        return BatchStatistics(0, zeros, zeros)
-    values = input.to(compute_dtype(input.dtype))
-    dims = reduced_dims(input)
-    with torch.no_grad():  # a constant: the gradient flows through the exact terms below
-        center = values.mean(dims)
-    centered = values - channel_view(center, values)
-    correction = centered.mean(dims).double()
-    mean = center.double() + correction
-    # sum (x - center)^2 = M2 + n * (mean - center)^2
-    m2 = centered.square().sum(dims).double() - count * correction.square()
-    return BatchStatistics(count, mean, m2)
-
-
 def merge_statistics(parts: Sequence[BatchStatistics]) -> BatchStatistics:
     """Merge per-replica statistics with Chan's parallel formula (stable, differentiable).
 
@@ -121,8 +72,9 @@ def merge_statistics(parts: Sequence[BatchStatistics]) -> BatchStatistics:
         are zeros.
 
     Example:
-        >>> a = local_statistics(torch.tensor([[1.0], [2.0]]))
-        >>> b = local_statistics(torch.tensor([[3.0], [4.0], [5.0]]))
+        >>> from syncbn.kernels.torch_ops import batch_statistics
+        >>> a = batch_statistics(torch.tensor([[1.0], [2.0]]))
+        >>> b = batch_statistics(torch.tensor([[3.0], [4.0], [5.0]]))
         >>> merged = merge_statistics([a, b])
         >>> merged.count, merged.mean.tolist(), merged.m2.tolist()
         (5, [3.0], [10.0])

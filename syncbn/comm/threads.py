@@ -251,9 +251,9 @@ class ReplicaContext:
 
     Example:
         >>> import torch
-        >>> from syncbn.stats import local_statistics
+        >>> from syncbn.kernels.torch_ops import batch_statistics
         >>> context = ReplicaContext(ReplicaGroup(1), rank=0, layer="bn")
-        >>> context.all_reduce_statistics(local_statistics(torch.ones(2, 3))).count
+        >>> context.all_reduce_statistics(batch_statistics(torch.ones(2, 3))).count
         2
     """
 
