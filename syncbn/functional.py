@@ -144,7 +144,7 @@ class _NormalizeFunction(torch.autograd.Function):
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """The processes way: one all_gather in forward, one all_reduce in backward.
+    """The processes way: one collective in forward (statistics), one in backward (two sums).
 
     backward: dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), both means over
     every rank; dweight and dbias are this rank's sums (DDP's all-reduce adds the rest).
@@ -181,7 +181,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_input, sum_dy, sum_dy_xhat = kernels.normalize_backward(grad_output, input, mean, invstd, weight)
         # Every rank joins, an empty one too (its sums are zeros).
         local_sums = torch.stack([sum_dy, sum_dy_xhat])
-        global_means = all_reduce_sum(local_sums.clone(), ctx.group) / max(ctx.count, 1)
+        global_means = all_reduce_sum(local_sums, ctx.group) / max(ctx.count, 1)
         if ctx.needs_input_grad[0]:
             # dx = dy*invstd*w - w*invstd*(mean(dy) + xhat*mean(dy*xhat)): the correction
             # is affine in (x - mean).
