@@ -84,6 +84,12 @@ def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
     ``mean32`` is the float64 mean rounded to the compute dtype and ``shift`` carries the
     rounding residue ``(mean - mean32) * scale`` exactly.
     """
+    if input.numel() <= SMALL:  # few ops beat fused passes here; float64 is exact enough
+        scale = invstd * weight.double() if weight is not None else invstd
+        output = (input.double() - _per_channel(mean, input)) * _per_channel(scale, input)
+        if bias is not None:
+            output = output + _per_channel(bias.double(), input)
+        return output.to(input.dtype)
     dtype = compute_dtype(input.dtype)
     mean = mean.double()
     rounded = mean.to(dtype)
@@ -105,6 +111,13 @@ def normalize_backward(
     if input.numel() == 0:  # torch's kernel divides by the element count
         zeros = torch.zeros(input.size(1), dtype=torch.float64, device=input.device)
         return grad_output.to(input.dtype, copy=True), zeros, zeros.clone()
+    if input.numel() <= SMALL:
+        dims = reduced_dims(input)
+        dy = grad_output.double()
+        xhat = (input.double() - _per_channel(mean, input)) * _per_channel(invstd, input)
+        scale = invstd * weight.double() if weight is not None else invstd
+        grad_input = (dy * _per_channel(scale, input)).to(input.dtype)
+        return grad_input, dy.sum(dims), (dy * xhat).sum(dims)
     # The kernel works with mean32 (the mean rounded to the compute dtype) and invstd32;
     # sum(dy * xhat) is corrected for both in float64: the residue times sum(dy).
     mean, invstd = mean.double(), invstd.double()
@@ -125,6 +138,9 @@ def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tens
     ``x * slope + (offset - mean * slope)``, which cancels when |mean| >> std; centering
     first keeps every term small.
     """
+    if input.numel() <= SMALL:
+        deviation = input.double() - _per_channel(mean, input)
+        return deviation * _per_channel(slope, input) + _per_channel(offset, input)
     dtype = compute_dtype(input.dtype)
     mean = mean.double()
     rounded = mean.to(dtype)
@@ -136,6 +152,11 @@ def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tens
 def _affine(values: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
     zeros = torch.zeros_like(slope)
     return F.batch_norm(values, zeros, torch.ones_like(slope), slope, offset, False, 0.0, 0.0)
+
+
+def _per_channel(vector: Tensor, input: Tensor) -> Tensor:
+    """A float64 ``(C,)`` vector shaped to broadcast against ``(N, C, *)`` input."""
+    return vector.double().view(1, -1, *([1] * (input.dim() - 2)))
 
 
 def _as(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -1,0 +1,92 @@
+"""The per-replica passes (syncbn.kernels.torch_ops), both paths, against float64 math.
+
+Small shards (up to SMALL elements) take a few-op float64 path; larger ones take the
+fused passes built from BatchNorm's own kernels. Both must be exact up to the input
+dtype's rounding, also for inputs offset by 1e4.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import syncbn
+from syncbn.kernels.torch_ops import SMALL, affine_in_deviation, batch_statistics, normalize, normalize_backward
+
+SIZES = {"small": (4, 3, 8, 8), "large": (32, 3, 32, 32)}
+
+
+def as_float64_view(vector: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    return vector.double().view(1, -1, *([1] * (input.dim() - 2)))
+
+
+@pytest.fixture(params=["small", "large"])
+def offset_input(request):
+    torch.manual_seed(0)
+    x = 1e4 + torch.randn(SIZES[request.param])
+    assert (x.numel() <= SMALL) == (request.param == "small")
+    return x
+
+
+def test_statistics(offset_input):
+    x = offset_input
+    stats = batch_statistics(x)
+    xd = x.double()
+    torch.testing.assert_close(stats.mean, xd.mean((0, 2, 3)), rtol=1e-13, atol=1e-9)
+    torch.testing.assert_close(stats.m2 / stats.count, xd.var((0, 2, 3), correction=0), rtol=1e-5, atol=1e-7)
+
+
+def test_normalize_and_its_backward(offset_input):
+    x = offset_input
+    xd = x.double()
+    mean, var = xd.mean((0, 2, 3)), xd.var((0, 2, 3), correction=0)
+    invstd, weight, bias = (var + 1e-5).rsqrt(), torch.rand(3) + 0.5, torch.randn(3)
+    xhat = (xd - as_float64_view(mean, x)) * as_float64_view(invstd, x)
+    expected = xhat * as_float64_view(weight, x) + as_float64_view(bias, x)
+    out = normalize(x, mean, invstd, weight, bias)
+    assert out.dtype == x.dtype
+    # float32 output: one rounding of x itself (|x| ~ 1e4) bounds what any method can do
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-3)
+    dy = torch.randn_like(x)
+    grad_input, sum_dy, sum_dy_xhat = normalize_backward(dy, x, mean, invstd, weight)
+    torch.testing.assert_close(
+        grad_input.double(), dy.double() * as_float64_view(invstd * weight, x), rtol=1e-6, atol=1e-6
+    )
+    torch.testing.assert_close(sum_dy, dy.double().sum((0, 2, 3)), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(sum_dy_xhat, (dy.double() * xhat).sum((0, 2, 3)), rtol=1e-6, atol=1e-3)
+
+
+def test_affine_in_deviation(offset_input):
+    x = offset_input
+    mean = x.double().mean((0, 2, 3))
+    slope, offset = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    got = affine_in_deviation(x, mean, slope, offset)
+    expected = (x.double() - as_float64_view(mean, x)) * as_float64_view(slope, x) + as_float64_view(offset, x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_offset_training_step_as_accurate_as_torch_on_both_paths(size):
+    torch.manual_seed(0)
+    x = 1e4 + torch.randn(SIZES[size])
+    cotangent = torch.randn_like(x)
+    torch_bn = nn.BatchNorm2d(3)
+    exact_bn, model = (
+        copy.deepcopy(torch_bn).double(),
+        syncbn.DataParallel(syncbn.convert_model(copy.deepcopy(torch_bn)), replicas=2),
+    )
+
+    def step(module, inputs):
+        leaf = inputs.clone().requires_grad_()
+        out = module(leaf)
+        out.backward(cotangent.to(out.dtype))
+        return out.detach().double(), leaf.grad.double()
+
+    exact_out, exact_grad = step(exact_bn, x.double())
+    torch_out, torch_grad = step(torch_bn, x)
+    sync_out, sync_grad = step(model, x)
+    assert (sync_out - exact_out).abs().max() <= 2 * (torch_out - exact_out).abs().max()
+    assert (sync_grad - exact_grad).abs().max() <= 2 * (torch_grad - exact_grad).abs().max()
