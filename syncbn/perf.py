@@ -17,6 +17,7 @@ where the target is one:
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -90,28 +91,27 @@ def run_perf_suite(
         if progress is not None:
             progress(done, steps, label)
 
+    # One-replica runs measure no threaded case: R replica threads disturb the ops that
+    # follow them (thread wake-ups, the intra-op pool), which one replica never pays.
     for done, channels_last in enumerate((False, True)):
         layout = "channels_last" if channels_last else "NCHW"
         step(done, f"BatchNorm2d, {layout}")
-        run = run_benchmark(
-            RATIO_SHAPES, replicas=REPLICAS, channels_last=channels_last, repeats=repeats, warmup=warmup,
-            processes=False, overhead=False,
-        )  # fmt: skip
-        runs.append(run)
-        for shape in RATIO_SHAPES:
-            text = "x".join(map(str, shape))
-            rows = {(r.impl, r.replicas): r for r in run.rows if r.shape == text}
-            targets.append(PerfTarget(f"1 replica, BatchNorm2d {text} {layout}", rows[SYNCBN, 1].ratio, 1.0, "x"))
-            targets.append(
-                PerfTarget(f"R={REPLICAS} threads, BatchNorm2d {text} {layout}", rows[SYNCBN, REPLICAS].ratio, 1.2, "x")
-            )
+        for replicas, bound in ((1, 1.0), (REPLICAS, 1.2)):
+            run = run_benchmark(
+                RATIO_SHAPES, replicas=replicas, channels_last=channels_last, repeats=repeats, warmup=warmup,
+                processes=False, overhead=False,
+            )  # fmt: skip
+            runs.append(run)
+            for shape in RATIO_SHAPES:
+                text = "x".join(map(str, shape))
+                row = next(r for r in run.rows if r.shape == text and r.impl == SYNCBN and r.replicas == replicas)
+                name = "1 replica" if replicas == 1 else f"R={replicas} threads"
+                targets.append(PerfTarget(f"{name}, BatchNorm2d {text} {layout}", row.ratio, bound, "x"))
     step(2, "BatchNorm1d")
-    run = run_benchmark(
-        [BN1D_SHAPE], replicas=REPLICAS, repeats=repeats, warmup=warmup, processes=False, overhead=False
-    )
+    run = run_benchmark([BN1D_SHAPE], replicas=1, repeats=repeats, warmup=warmup, processes=False, overhead=False)
     runs.append(run)
-    rows = {(r.impl, r.replicas): r for r in run.rows}
-    targets.append(PerfTarget("1 replica, BatchNorm1d 256x1024", rows[SYNCBN, 1].ratio, 1.0, "x"))
+    row = next(r for r in run.rows if r.impl == SYNCBN)
+    targets.append(PerfTarget("1 replica, BatchNorm1d 256x1024", row.ratio, 1.0, "x"))
     step(3, "synchronization overhead")
     threads = run_benchmark([], replicas=REPLICAS, repeats=repeats, warmup=warmup, processes=False, overhead=True)
     gloo = run_benchmark([], replicas=2, repeats=repeats, warmup=warmup, processes=True, overhead=True)
@@ -143,15 +143,26 @@ def run_perf_suite(
 
 
 def peak_memory_mb(shape: tuple[int, ...], *, synchronized: bool, replicas: int) -> float:
-    """Peak extra memory (MiB) of one forward + backward, measured in a fresh forked process.
+    """Peak extra memory (MiB) of one forward + backward, measured in a fresh process.
 
     The process's peak resident size after the step minus before it: everything the step
-    allocated and held at once (saved tensors, output, gradients).
+    allocated and held at once (saved tensors, output, gradients). A fresh interpreter
+    (spawn, not fork) with a fixed malloc mmap threshold: otherwise glibc's dynamic
+    threshold and per-thread arenas keep freed tensors resident and the figure measures
+    the allocator's history instead of the step.
     """
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_measure_peak, args=(shape, synchronized, replicas, queue), daemon=True)
-    child.start()
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    try:
+        child.start()
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     try:
         return queue.get(timeout=300)
     except Exception as error:  # noqa: BLE001 - a stuck or crashed child
@@ -163,8 +174,6 @@ def peak_memory_mb(shape: tuple[int, ...], *, synchronized: bool, replicas: int)
 
 
 def _measure_peak(shape: tuple[int, ...], synchronized: bool, replicas: int, queue: Any) -> None:
-    # A forked child must not use the parent's OpenMP pool (its threads are not there).
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     layer: nn.Module = nn.BatchNorm2d(shape[1])
     if synchronized:
