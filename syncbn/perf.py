@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -131,6 +130,9 @@ def run_perf_suite(
         )
     )
     step(4, "peak memory")
+    if not os.path.exists("/proc/self/clear_refs"):  # the measurement needs Linux's /proc
+        step(steps, "done")
+        return PerfReport(targets=targets, runs=runs, machine=machine_info("cpu"))
     reference = peak_memory_mb(MEMORY_SHAPE, synchronized=False, replicas=1)
     text = "x".join(map(str, MEMORY_SHAPE))
     for replicas, bound in ((1, 1.1), (REPLICAS, None)):
@@ -143,7 +145,7 @@ def run_perf_suite(
 
 
 def peak_memory_mb(shape: tuple[int, ...], *, synchronized: bool, replicas: int) -> float:
-    """Peak extra memory (MiB) of one forward + backward, measured in a fresh process.
+    """Peak extra memory (MiB) of one forward + backward, measured in a fresh process (Linux).
 
     The process's peak resident size after the step minus before it: everything the step
     allocated and held at once (saved tensors, output, gradients). A fresh interpreter
@@ -180,7 +182,18 @@ def _measure_peak(shape: tuple[int, ...], synchronized: bool, replicas: int, que
         layer = DataParallel(convert_model(layer), replicas=replicas) if replicas > 1 else convert_model(layer)
     x = torch.randn(shape).requires_grad_()
     cotangent = torch.randn(shape)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Reset the peak resident size to the current one (Linux), so the peak after the step
+    # is the step's own, not an earlier high-water mark such as importing torch.
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = _status_kib("VmRSS")
     layer(x).backward(cotangent)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) / 1024.0)  # ru_maxrss is in KiB on Linux
+    queue.put((_status_kib("VmHWM") - before) / 1024.0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
