@@ -90,3 +90,22 @@ def test_offset_training_step_as_accurate_as_torch_on_both_paths(size):
     sync_out, sync_grad = step(model, x)
     assert (sync_out - exact_out).abs().max() <= 2 * (torch_out - exact_out).abs().max()
     assert (sync_grad - exact_grad).abs().max() <= 2 * (torch_grad - exact_grad).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_half_precision_input_on_both_paths(dtype, size):
+    torch.manual_seed(0)
+    x = torch.randn(SIZES[size]).to(dtype)
+    cotangent = torch.randn(SIZES[size])
+    reference_bn = nn.BatchNorm2d(3)
+    model = syncbn.DataParallel(syncbn.convert_model(copy.deepcopy(reference_bn)), replicas=2)
+    half, full = x.clone().requires_grad_(), x.float().clone().requires_grad_()
+    out, expected = model(half), reference_bn(full)
+    out.backward(cotangent.to(dtype))
+    expected.backward(cotangent)
+    assert out.dtype == half.grad.dtype == dtype
+    tolerance = {"rtol": 2e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 5e-3}
+    torch.testing.assert_close(out.float(), expected.detach(), **tolerance)
+    torch.testing.assert_close(half.grad.float(), full.grad, **tolerance)
+    torch.testing.assert_close(model.module.running_var, reference_bn.running_var, rtol=1e-5, atol=1e-6)
