@@ -2,8 +2,10 @@
 
 Same arguments as ``torch.nn.functional.batch_norm`` plus where the replicas are: a
 ``replica`` context (the threads way) or a ``process_group`` (the processes way).
-Without either, or when running statistics are used instead of batch statistics, it
-*is* ``F.batch_norm`` — native speed, bit-identical results.
+With running statistics (eval mode) it *is* ``F.batch_norm``: bit-identical results.
+With batch statistics and no replicas it is ``F.batch_norm`` too, unless the compiled
+kernels are turned on (``SYNCBN_NATIVE=1``, see ``syncbn.kernels.native``): then
+float32/float64 NCHW CPU input takes them (the same math in fewer passes, float64 sums).
 
 The two ways differ in how gradients cross replicas. Threads share one autograd graph,
 so the threads way is built of differentiable ops and autograd does the rest.
@@ -18,9 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from syncbn import kernels
 from syncbn.comm.distributed import all_gather_statistics, all_reduce_sum
 from syncbn.comm.threads import ReplicaContext
-from syncbn.kernels import torch_ops as kernels
 from syncbn.stats import BatchStatistics
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
@@ -80,6 +82,9 @@ def sync_batch_norm(
         return _SyncBatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, momentum, eps, process_group
         )
+    if training and kernels.native.supports(input) and input.numel() > input.size(1):
+        # One replica: the same math in fewer passes (see _SyncBatchNormFunction).
+        return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps, None)
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -95,7 +100,7 @@ class _LocalStatisticsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, input: Tensor) -> tuple[Tensor, Tensor]:
-        stats = kernels.batch_statistics(input)
+        stats = kernels.for_input(input).batch_statistics(input)
         ctx.save_for_backward(input, stats.mean)
         ctx.count = stats.count
         return stats.mean, stats.m2
@@ -107,7 +112,8 @@ class _LocalStatisticsFunction(torch.autograd.Function):
             return torch.zeros_like(input)
         grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
         grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
-        return kernels.affine_in_deviation(input, mean, 2 * grad_m2, grad_mean / ctx.count).to(input.dtype)
+        deviation_grad = kernels.for_input(input).affine_in_deviation(input, mean, 2 * grad_m2, grad_mean / ctx.count)
+        return deviation_grad.to(input.dtype)
 
 
 class _NormalizeFunction(torch.autograd.Function):
@@ -129,12 +135,13 @@ class _NormalizeFunction(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(input, mean, invstd, weight)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return kernels.normalize(input, mean, invstd, weight, bias)
+        return kernels.for_input(input).normalize(input, mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, mean, invstd, weight = ctx.saved_tensors
-        grad_input, sum_dy, sum_dy_xhat = kernels.normalize_backward(grad_output, input, mean, invstd, weight)
+        ops = kernels.for_input(input)
+        grad_input, sum_dy, sum_dy_xhat = ops.normalize_backward(grad_output, input, mean, invstd, weight)
         w = weight.double() if weight is not None else 1.0
         grad_mean = -invstd * w * sum_dy.double()
         grad_invstd = w * sum_dy_xhat.double() / invstd
@@ -144,10 +151,13 @@ class _NormalizeFunction(torch.autograd.Function):
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """The processes way: one collective in forward (statistics), one in backward (two sums).
+    """The processes way (one collective in forward, one in backward), and with no group
+    the one-replica fast path: the same passes with nothing to exchange.
 
     backward: dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), both means over
     every rank; dweight and dbias are this rank's sums (DDP's all-reduce adds the rest).
+    Passes over memory (native kernels): forward reads x twice for the statistics and
+    once to write y; backward reads (dy, x) once for its two sums and once to write dx.
     """
 
     @staticmethod
@@ -160,41 +170,60 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         running_var: Tensor | None,
         momentum: float,
         eps: float,
-        group: dist.ProcessGroup,
+        group: dist.ProcessGroup | None,
     ) -> Tensor:
-        # An empty local batch still joins the all_gather (count 0): skipping it would
-        # leave every other rank waiting.
-        stats = all_gather_statistics(kernels.batch_statistics(input), group)
-        _check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
+        ops = kernels.for_input(input)
+        stats = ops.batch_statistics(input)
+        if group is not None:
+            # An empty local batch still joins the all_gather (count 0): skipping it would
+            # leave every other rank waiting.
+            stats = all_gather_statistics(stats, group)
+            _check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
         invstd = torch.rsqrt(stats.m2 / max(stats.count, 1) + eps)
         if running_mean is not None and running_var is not None and stats.count > 0:
             _update_running_statistics(running_mean, running_var, stats, momentum)
-        ctx.save_for_backward(input, weight, stats.mean, invstd)
+        ctx.save_for_backward(input, weight, bias, stats.mean, invstd)
         ctx.count = stats.count
         ctx.group = group
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return kernels.normalize(input, stats.mean, invstd, weight, bias)
+        ctx.eps = eps
+        return ops.normalize(input, stats.mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, mean, invstd = ctx.saved_tensors
-        grad_input, sum_dy, sum_dy_xhat = kernels.normalize_backward(grad_output, input, mean, invstd, weight)
-        # Every rank joins, an empty one too (its sums are zeros).
-        local_sums = torch.stack([sum_dy, sum_dy_xhat])
-        global_means = all_reduce_sum(local_sums, ctx.group) / max(ctx.count, 1)
-        if ctx.needs_input_grad[0]:
-            # dx = dy*invstd*w - w*invstd*(mean(dy) + xhat*mean(dy*xhat)): the correction
-            # is affine in (x - mean).
-            scale = invstd * (weight.double() if weight is not None else 1.0)
-            correction = kernels.affine_in_deviation(
-                input, mean, -scale * invstd * global_means[1], -scale * global_means[0]
-            )
-            grad_input = grad_input.to(correction.dtype).add_(correction).to(input.dtype)
+        input, weight, bias, mean, invstd = ctx.saved_tensors
+        if ctx.group is None and torch.is_grad_enabled():
+            # create_graph=True (double backward): the compiled passes are not differentiable,
+            # so rebuild this layer from torch's own differentiable BatchNorm.
+            return _differentiable_backward(ctx, grad_output, input, weight, bias)
+        ops = kernels.for_input(input)
+        sum_dy, sum_dy_xhat = ops.gradient_sums(grad_output, input, mean, invstd)
+        if ctx.group is not None:
+            # Every rank joins, an empty one too (its sums are zeros).
+            global_sums = all_reduce_sum(torch.stack([sum_dy, sum_dy_xhat]), ctx.group)
         else:
-            grad_input = None
+            global_sums = torch.stack([sum_dy, sum_dy_xhat])
+        global_means = global_sums / max(ctx.count, 1)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = ops.input_gradient(grad_output, input, mean, invstd, weight, global_means[0], global_means[1])
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _differentiable_backward(
+    ctx: torch.autograd.function.FunctionCtx,
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[Tensor | None, ...]:
+    tensors = (input, weight, bias)
+    needed = [t is not None and n for t, n in zip(tensors, ctx.needs_input_grad[:3], strict=True)]
+    output = torch_batch_norm(input, None, None, weight, bias, True, 0.0, ctx.eps)
+    inputs = [t for t, n in zip(tensors, needed, strict=True) if n]
+    grads = iter(torch.autograd.grad(output, inputs, grad_output, create_graph=True))
+    return (*(next(grads) if n else None for n in needed), None, None, None, None, None)
 
 
 def _check_count(count: int, input: Tensor, where: str) -> None:

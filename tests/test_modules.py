@@ -1,5 +1,7 @@
 """One SyncBN module on its own: the same constructor, state and checks as nn.BatchNormNd,
-and, outside a synchronized context, bit-identical outputs, gradients and buffers."""
+and, outside a synchronized context, bit-identical outputs, gradients and buffers wherever
+SyncBN calls F.batch_norm (eval mode, and these small planes; larger float32/float64 NCHW
+planes take the compiled kernels, tested in test_native_kernels.py)."""
 
 from __future__ import annotations
 

@@ -118,13 +118,61 @@ def normalize_backward(
         scale = invstd * weight.double() if weight is not None else invstd
         grad_input = (dy * _per_channel(scale, input)).to(input.dtype)
         return grad_input, dy.sum(dims), (dy * xhat).sum(dims)
+    w = _as(weight, dtype) if weight is not None else None
+    return _kernel_backward(grad_output, input, mean, invstd, w, with_input_grad=True)
+
+
+def gradient_sums(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum(dy)`` and ``sum(dy * xhat)`` per channel, float64: one fused pass, nothing written.
+
+    Example:
+        >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
+        >>> [t.tolist() for t in gradient_sums(dy, x, torch.tensor([2.0]), torch.tensor([0.5]))]
+        [[3.0], [0.5]]
+    """
+    if input.numel() <= SMALL:
+        _, sum_dy, sum_dy_xhat = normalize_backward(grad_output, input, mean, invstd, None)
+        return sum_dy, sum_dy_xhat
+    _, sum_dy, sum_dy_xhat = _kernel_backward(grad_output, input, mean, invstd, None, with_input_grad=False)
+    return sum_dy, sum_dy_xhat
+
+
+def input_gradient(
+    grad_output: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_dy: Tensor,
+    mean_dy_xhat: Tensor,
+) -> Tensor:
+    """BatchNorm's ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` (global means).
+
+    ``dy * invstd * w`` plus a correction affine in ``x - mean`` (centered, so nothing cancels).
+
+    Example:
+        >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
+        >>> mean, invstd = torch.tensor([2.0]), torch.tensor([1.0])
+        >>> input_gradient(dy, x, mean, invstd, None, torch.tensor([1.5]), torch.tensor([0.5])).tolist()
+        [[0.0], [0.0]]
+    """
+    scale = invstd.double() * (weight.double() if weight is not None else 1.0)
+    correction = affine_in_deviation(input, mean, -scale * invstd.double() * mean_dy_xhat, -scale * mean_dy)
+    scaled = affine_in_deviation(grad_output, torch.zeros_like(scale), scale, torch.zeros_like(scale))
+    return scaled.to(correction.dtype).add_(correction).to(input.dtype)
+
+
+def _kernel_backward(
+    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, *, with_input_grad: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
     # The kernel works with mean32 (the mean rounded to the compute dtype) and invstd32;
     # sum(dy * xhat) is corrected for both in float64: the residue times sum(dy).
+    dtype = compute_dtype(input.dtype)
     mean, invstd = mean.double(), invstd.double()
     rounded_mean, var = mean.to(dtype), invstd.pow(-2).to(dtype)
-    w = _as(weight, dtype) if weight is not None else torch.ones_like(var)
+    w = weight if weight is not None else torch.ones_like(var)
     grad_input, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_output, input, w, rounded_mean, var, None, None, False, 0.0, [True, True, True]
+        grad_output, input, w, rounded_mean, var, None, None, False, 0.0, [with_input_grad, True, True]
     )
     kernel_invstd = var.double().rsqrt()
     sum_dy_deviation = sum_dy_xhat.double() / kernel_invstd - (mean - rounded_mean.double()) * sum_dy.double()
