@@ -197,12 +197,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             return _differentiable_backward(ctx, grad_output, input, weight, bias)
         ops = kernels.for_input(input)
         sum_dy, sum_dy_xhat = ops.gradient_sums(grad_output, input, mean, invstd)
-        if ctx.group is not None:
-            # Every rank joins, an empty one too (its sums are zeros).
-            global_sums = all_reduce_sum(torch.stack([sum_dy, sum_dy_xhat]), ctx.group)
-        else:
-            global_sums = torch.stack([sum_dy, sum_dy_xhat])
-        global_means = global_sums / max(ctx.count, 1)
+        sums = torch.stack([sum_dy, sum_dy_xhat])
+        if ctx.group is not None:  # every rank joins, an empty one too (its sums are zeros)
+            sums = all_reduce_sum(sums, ctx.group)
+        global_means = sums / max(ctx.count, 1)
         grad_input = None
         if ctx.needs_input_grad[0]:
             grad_input = ops.input_gradient(grad_output, input, mean, invstd, weight, global_means[0], global_means[1])

@@ -286,3 +286,11 @@ def test_build_is_cached(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     assert run_python(code, SYNCBN_CACHE_DIR=str(tmp_path)) == "True"
     assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_asking_for_them_without_a_compiler_warns_once(tmp_path):
+    env = {**os.environ, "SYNCBN_NATIVE": "1", "CC": "/bin/false", "SYNCBN_CACHE_DIR": str(tmp_path)}
+    code = CHECK + "sbn(x); sbn(x)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("SYNCBN_NATIVE=1, but syncbn's compiled kernels are unavailable") == 1

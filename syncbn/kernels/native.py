@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _load_error: str | None = None
 _loaded = False
+_warned = False
 
 
 def enabled() -> bool:
@@ -106,7 +108,24 @@ def supports(input: Tensor) -> bool:
         >>> supports(torch.zeros(4, 3, 16, 16, dtype=torch.bfloat16))
         False
     """
-    return enabled() and handles(input) and _layout(input) == SPATIAL_INNER and _spatial_size(input) >= MIN_PLANE
+    if not enabled():
+        return False
+    if not available():
+        _warn_unavailable()
+        return False
+    return handles(input) and _layout(input) == SPATIAL_INNER and _spatial_size(input) >= MIN_PLANE
+
+
+def _warn_unavailable() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"SYNCBN_NATIVE=1, but syncbn's compiled kernels are unavailable ({_load_error}); "
+            "using torch's kernels. Install a C compiler or set CC to use them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def handles(input: Tensor) -> bool:
@@ -163,7 +182,7 @@ def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
     """
     scale = invstd.double() * (weight.double() if weight is not None else 1.0)
     offset = bias.double() if bias is not None else torch.zeros_like(scale)
-    return _affine_in_deviation(input, mean, scale, offset, input.dtype)
+    return affine_in_deviation(input, mean, scale, offset)
 
 
 def normalize_backward(
@@ -183,7 +202,7 @@ def normalize_backward(
     sum_dy, sum_dy_xhat = gradient_sums(grad_output, input, mean, invstd)
     scale = invstd.double() * (weight.double() if weight is not None else 1.0)
     zeros = torch.zeros_like(scale)
-    grad_input = _combine(None, grad_output, None, zeros, scale, zeros, input.dtype)
+    grad_input = _combine(None, grad_output, None, zeros, scale, zeros)
     return grad_input, sum_dy, sum_dy_xhat
 
 
@@ -227,7 +246,7 @@ def input_gradient(
     offset = -scale * mean_dy.double()
     rounded = mean.double().to(input.dtype)
     offset = offset - (mean.double() - rounded.double()) * slope
-    return _combine(_like(grad_output, input), input, scale, rounded.double(), slope, offset, input.dtype)
+    return _combine(_like(grad_output, input), input, scale, rounded.double(), slope, offset)
 
 
 def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
@@ -238,34 +257,29 @@ def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tens
         ...                     torch.tensor([2.0]), torch.tensor([1.0])).tolist()
         [[-1.0], [3.0]]
     """
-    return _affine_in_deviation(input, mean, slope.double(), offset.double(), input.dtype)
-
-
-def _affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
     # (x - mean) * slope + offset == (x - mean_r) * slope + (offset - (mean - mean_r) * slope)
-    mean = mean.double()
+    mean, slope = mean.double(), slope.double()
     rounded = mean.to(input.dtype).double()
-    return _combine(None, input, None, rounded, slope, offset - (mean - rounded) * slope, dtype)
+    return _combine(None, input, None, rounded, slope, offset.double() - (mean - rounded) * slope)
 
 
-def _combine(
-    u: Tensor | None, v: Tensor, a: Tensor | None, cv: Tensor, b: Tensor, k: Tensor, dtype: torch.dtype
-) -> Tensor:
-    """``u * a + (v - cv) * b + k`` per channel (u optional), into a new tensor shaped like ``v``."""
-    out = torch.empty_like(v, memory_format=_memory_format(v))
+def _combine(u: Tensor | None, v: Tensor, a: Tensor | None, cv: Tensor, b: Tensor, k: Tensor) -> Tensor:
+    """``u * a + (v - cv) * b + k`` per channel (u optional; in ``v``'s layout and dtype, as ``u``)."""
+    layout = _layout(v)
+    out = torch.empty_like(v, memory_format=_memory_format(v.dim(), layout))
     if v.numel() == 0:
-        return out.to(dtype)
+        return out
     shape = _shape(v)
     vector = lambda t: t.to(v.dtype).contiguous()  # noqa: E731 - per-channel constants in v's precision
     a_, cv_, b_, k_ = (vector(t) if t is not None else None for t in (a, cv, b, k))
     function = _library_function("combine", v.dtype)
     status = function(
-        _pointer(u), _pointer(v), _pointer(out), _layout(v), *shape,
+        _pointer(u), _pointer(v), _pointer(out), layout, *shape,
         _pointer(a_), _pointer(cv_), _pointer(b_), _pointer(k_), _threads(v),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("syncbn: the native combine kernel could not allocate its buffers")
-    return out if out.dtype == dtype else out.to(dtype)
+    return out
 
 
 def _moments(
@@ -307,19 +321,19 @@ def _layout(input: Tensor) -> int | None:
     return None
 
 
-def _memory_format(input: Tensor) -> torch.memory_format:
-    if _layout(input) == CHANNELS_INNER and input.dim() == 4:
-        return torch.channels_last
-    if _layout(input) == CHANNELS_INNER and input.dim() == 5:
-        return torch.channels_last_3d
+def _memory_format(dim: int, layout: int | None) -> torch.memory_format:
+    """The torch memory format that gives a ``dim``-D tensor this layout."""
+    if layout == CHANNELS_INNER and dim in (4, 5):
+        return torch.channels_last if dim == 4 else torch.channels_last_3d
     return torch.contiguous_format
 
 
 def _like(tensor: Tensor, input: Tensor) -> Tensor:
     """``tensor`` in ``input``'s dtype and dense layout (gradients may arrive expanded or permuted)."""
-    if tensor.dtype == input.dtype and tensor.stride() == input.stride() and _layout(tensor) == _layout(input):
+    layout = _layout(input)
+    if tensor.dtype == input.dtype and tensor.stride() == input.stride() and _layout(tensor) == layout:
         return tensor
-    return tensor.to(input.dtype).contiguous(memory_format=_memory_format(input))
+    return tensor.to(input.dtype).contiguous(memory_format=_memory_format(input.dim(), layout))
 
 
 def _spatial_size(input: Tensor) -> int:

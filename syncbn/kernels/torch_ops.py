@@ -158,7 +158,11 @@ def input_gradient(
     """
     scale = invstd.double() * (weight.double() if weight is not None else 1.0)
     correction = affine_in_deviation(input, mean, -scale * invstd.double() * mean_dy_xhat, -scale * mean_dy)
-    scaled = affine_in_deviation(grad_output, torch.zeros_like(scale), scale, torch.zeros_like(scale))
+    if input.numel() <= SMALL:
+        scaled = grad_output.double() * _per_channel(scale, input)
+    else:  # dy * scale: one pass of the inference kernel (no centering needed)
+        dtype = compute_dtype(input.dtype)
+        scaled = _affine(grad_output.to(dtype), scale.to(dtype), torch.zeros_like(scale, dtype=dtype))
     return scaled.to(correction.dtype).add_(correction).to(input.dtype)
 
 
