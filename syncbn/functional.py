@@ -8,12 +8,18 @@ kernels are turned on (``SYNCBN_NATIVE=1``, see ``syncbn.kernels.native``): then
 float32/float64 NCHW CPU input takes them (the same math in fewer passes, float64 sums).
 
 The two ways differ in how gradients cross replicas. Threads share one autograd graph,
-so the threads way is built of differentiable ops and autograd does the rest.
-Processes each have their own graph, so ``_SyncBatchNormFunction`` makes one collective
-in forward (statistics) and one in backward (two per-channel gradient sums).
+so the threads way is built of differentiable ops and autograd does the rest: when the
+replicas share a device (virtual CPU replicas), the last to arrive normalizes every
+shard at once with torch's own BatchNorm; across devices, each replica's statistics
+are merged on the first device. Processes each have their own graph, so
+``_SyncBatchNormFunction`` makes one collective in forward (statistics) and one in
+backward (two per-channel gradient sums).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,12 +28,16 @@ from torch import Tensor
 
 from syncbn import kernels
 from syncbn.comm.distributed import all_gather_statistics, all_reduce_sum
-from syncbn.comm.threads import ReplicaContext
+from syncbn.comm.threads import CallerWork, ReplicaContext, in_current_modes, merge_replica_statistics
+from syncbn.parallel.scatter_gather import join
 from syncbn.stats import BatchStatistics
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
 # unsynchronized path must still reach torch's own kernel.
 torch_batch_norm = F.batch_norm
+# Replicas sharing the CPU hand whole-batch work of at least this many elements to the
+# caller's thread: below it, the two extra thread switches (~40 µs) cost more than it saves.
+CALLER_WORK = 1 << 16
 
 
 def sync_batch_norm(
@@ -69,15 +79,12 @@ def sync_batch_norm(
         True
     """
     if training and replica is not None and replica.world_size > 1:
-        mean, m2 = _LocalStatisticsFunction.apply(input)
-        count = input.numel() // input.size(1) if input.size(1) else 0
-        stats = replica.all_reduce_statistics(BatchStatistics(count, mean, m2))
-        _check_count(stats.count, input, f"replica {replica.rank} of {replica.world_size}")
-        invstd = torch.rsqrt(stats.m2 / max(stats.count, 1) + eps)
-        # Only replica 0's buffers are the master's; the others' copies are discarded.
-        if replica.rank == 0 and running_mean is not None and running_var is not None and stats.count > 0:
-            _update_running_statistics(running_mean, running_var, stats, momentum)
-        return _NormalizeFunction.apply(input, stats.mean, invstd, weight, bias)
+        shard = _Shard(input, running_mean, running_var, weight, bias, momentum, eps)
+        if replica.group.shared_device:
+            normalize = functools.partial(_normalize_together, caller=replica.group.caller)
+            return replica.group.exchange(replica.rank, replica.layer, shard, normalize)[replica.rank]
+        stats = replica.all_reduce_statistics(_local_statistics(input))
+        return _normalize_with(shard, stats, replica.rank, replica.world_size)
     if training and process_group is not None:
         return _SyncBatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, momentum, eps, process_group
@@ -88,7 +95,88 @@ def sync_batch_norm(
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-# The threads way: two Functions with fused passes, joined by the differentiable merge.
+# The threads way.
+
+
+class _Shard(NamedTuple):
+    """One replica's arguments to a SyncBN call."""
+
+    input: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    momentum: float
+    eps: float
+
+
+def _normalize_together(shards: list[_Shard], caller: CallerWork) -> list[Tensor]:
+    """Every replica's output, computed once all have arrived (replicas share a device).
+
+    The shards joined along the batch are the full batch, so torch's own BatchNorm
+    normalizes them: bit-identical to one device, three autograd nodes (join, BatchNorm,
+    split) where merging statistics takes nine Python ones, and one pass over the batch
+    where R shard passes each pay the per-op overhead. On the CPU, big batches are
+    normalized on the caller's thread (see ``CallerWork``). Shards that cannot be joined
+    (sizes beyond the batch, dtypes, layouts or parameters differ) are normalized one
+    by one with merged statistics instead.
+    """
+    if not _joinable(shards):
+        merged = merge_replica_statistics([_local_statistics(shard.input) for shard in shards])
+        return [_normalize_with(shard, merged, rank, len(shards)) for rank, shard in enumerate(shards)]
+    first = shards[0]  # replica 0's buffers are the master's; the others' copies are discarded
+
+    def normalize_whole_batch() -> Tensor:
+        whole = join([shard.input for shard in shards])
+        _check_count(whole.numel() // whole.size(1), whole, f"all {len(shards)} replicas")
+        return torch_batch_norm(
+            whole, first.running_mean, first.running_var, first.weight, first.bias, True, first.momentum, first.eps
+        )
+
+    if first.input.device.type == "cpu" and sum(shard.input.numel() for shard in shards) >= CALLER_WORK:
+        output = caller.run(in_current_modes(normalize_whole_batch))
+    else:
+        output = normalize_whole_batch()
+    return list(output.split([shard.input.size(0) for shard in shards]))
+
+
+def _joinable(shards: list[_Shard]) -> bool:
+    """Whether the shards are slices of one batch: same sizes beyond it, dtype, layout, parameters."""
+    first = shards[0]
+    parts = [shard.input for shard in shards if shard.input.size(0) > 0]
+    if not parts or first.input.size(1) == 0:
+        return False
+    # Equal strides: the joined tensor, and so every output, keeps the shards' layout.
+    layout = (parts[0].stride(), parts[0].dtype, parts[0].device)
+    return all(
+        shard.input.shape[1:] == first.input.shape[1:]
+        and shard.weight is first.weight
+        and shard.bias is first.bias
+        and (shard.momentum, shard.eps) == (first.momentum, first.eps)
+        for shard in shards
+    ) and all((part.stride(), part.dtype, part.device) == layout for part in parts)
+
+
+def _local_statistics(input: Tensor) -> BatchStatistics:
+    mean, m2 = _LocalStatisticsFunction.apply(input)
+    return BatchStatistics(input.numel() // input.size(1) if input.size(1) else 0, mean, m2)
+
+
+def _normalize_with(shard: _Shard, stats: BatchStatistics, rank: int, replicas: int) -> Tensor:
+    """Normalize replica ``rank``'s shard with the merged statistics of all of them."""
+    input = shard.input
+    _check_count(stats.count, input, f"replica {rank} of {replicas}")
+    mean, m2 = stats.mean.to(input.device), stats.m2.to(input.device)
+    invstd = torch.rsqrt(m2 / max(stats.count, 1) + shard.eps)
+    # Only replica 0's buffers are the master's; the others' copies are discarded.
+    if rank == 0 and shard.running_mean is not None and shard.running_var is not None and stats.count > 0:
+        merged = BatchStatistics(stats.count, mean, m2)
+        _update_running_statistics(shard.running_mean, shard.running_var, merged, shard.momentum)
+    return _NormalizeFunction.apply(input, mean, invstd, shard.weight, shard.bias)
+
+
+# Replicas on different devices: two Functions with fused passes per replica, joined by
+# the differentiable merge (syncbn.comm.threads).
 
 
 class _LocalStatisticsFunction(torch.autograd.Function):

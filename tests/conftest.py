@@ -1,4 +1,4 @@
-"""Shared test helpers: one training step, and comparisons of module state.
+"""Shared test helpers: one training step, comparisons of module state, broken SyncBN.
 
 Helpers are fixtures (``--import-mode=importlib`` keeps ``tests/`` off ``sys.path``, so
 test files cannot import this file).
@@ -12,6 +12,9 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from torch import Tensor, nn
+
+import syncbn.functional
+from syncbn.comm.threads import ReplicaContext, ReplicaGroup
 
 
 class StepResult(NamedTuple):
@@ -69,3 +72,30 @@ def run_step() -> Callable[..., StepResult]:
 def assert_state_equal() -> Callable[..., None]:
     """``assert_state_equal(actual, expected, **tolerance)``: parameters and buffers match."""
     return _assert_state_equal
+
+
+@pytest.fixture
+def broken_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SyncBN with synchronization skipped: every replica keeps its own statistics (both ways)."""
+
+    def each_shard_alone(shards: list, caller: object) -> list[Tensor]:
+        # torch's own kernel: F.batch_norm may be routed back through SyncBN (BN subclasses).
+        return [
+            syncbn.functional.torch_batch_norm(
+                s.input, s.running_mean, s.running_var, s.weight, s.bias, True, s.momentum, s.eps
+            )
+            for s in shards
+        ]
+
+    monkeypatch.setattr(syncbn.functional, "_normalize_together", each_shard_alone)
+    monkeypatch.setattr(ReplicaContext, "all_reduce_statistics", lambda self, local: local)
+
+
+@pytest.fixture
+def failing_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SyncBN rendezvous raises ``RuntimeError("rendezvous lost")``."""
+
+    def fail(self: ReplicaGroup, *args: object) -> object:
+        raise RuntimeError("rendezvous lost")
+
+    monkeypatch.setattr(ReplicaGroup, "exchange", fail)

@@ -316,7 +316,11 @@ def test_perf_suite_reports_every_target_against_nn_batch_norm():
         "peak memory, R=1, BatchNorm2d 32x64x56x56",
     ):
         target = targets[name]
-        assert target["measured"] > 0
+        if name.startswith("sync overhead"):
+            # SyncBN minus unsynced BN: below zero where one whole-batch pass beats R shard passes.
+            assert math.isfinite(target["measured"])
+        else:
+            assert target["measured"] > 0
         assert target["passed"] == (None if target["target"] is None else target["measured"] <= target["target"])
     assert {"torch", "threads", "platform", "date"} <= set(document["machine"])
 

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from sample_models import SAMPLES
 from sample_models.resnet import resnet_tiny
-from syncbn.comm.threads import ReplicaContext
 from syncbn_cli.main import app
 
 runner = CliRunner()
@@ -25,12 +24,6 @@ def verify_json(*args: str) -> dict:
     result = verify(*args, "--json")
     assert result.exit_code in (0, 1), result.output
     return json.loads(result.stdout)
-
-
-@pytest.fixture
-def broken_sync(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SyncBN with synchronization skipped: every replica keeps its own statistics."""
-    monkeypatch.setattr(ReplicaContext, "all_reduce_statistics", lambda self, local: local)
 
 
 def test_default_run_passes_on_the_bundled_model() -> None:
@@ -199,11 +192,7 @@ def test_help_documents_the_command_with_an_example() -> None:
         assert option in result.stdout
 
 
-def test_sync_batch_norm_that_raises_is_a_failure_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(self: ReplicaContext, local: object) -> object:
-        raise RuntimeError("rendezvous lost")
-
-    monkeypatch.setattr(ReplicaContext, "all_reduce_statistics", fail)
+def test_sync_batch_norm_that_raises_is_a_failure_not_a_crash(failing_sync: None) -> None:
     result = verify("--replicas", "2")
     assert result.exit_code == 1, result.output
     assert result.stdout.splitlines()[-1] == "FAIL: SyncBN on 2 replicas raised RuntimeError: rendezvous lost"

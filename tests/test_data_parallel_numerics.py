@@ -3,11 +3,16 @@
 Every test trains ``syncbn.DataParallel(convert_model(copy), replicas=R)`` side by side
 with the original model (plain ``nn.BatchNormNd``) fed the full batch, the reference,
 and compares outputs, input grads, parameter grads and every BN buffer.
+
+Every test runs both ways replicas in threads meet (the ``way`` fixture): normalizing
+the joined shards at once, which virtual CPU replicas use, and merging per-replica
+statistics, which replicas on different devices use (forced here on the CPU).
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -15,6 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import syncbn
+import syncbn.functional
+from syncbn.comm.threads import ReplicaGroup
+from syncbn.parallel import data_parallel
+from syncbn.parallel.parallel_apply import current_replica
 
 TOLERANCE = {
     torch.float64: {"rtol": 1e-10, "atol": 1e-12},
@@ -35,6 +44,17 @@ EXPECT_SINGLE_VALUE = "Expected more than 1 value per channel when training"
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, params=["whole-batch", "statistics"])
+def way(request, monkeypatch) -> str:
+    if request.param == "statistics":
+        monkeypatch.setattr(
+            data_parallel,
+            "ReplicaGroup",
+            lambda world_size, timeout, shared_device: ReplicaGroup(world_size, timeout, shared_device=False),
+        )
+    return request.param
 
 
 def randomize_(model: nn.Module) -> nn.Module:
@@ -455,3 +475,86 @@ def test_dict_input_and_output(replicas, assert_state_equal):
     torch.testing.assert_close(outputs[1], outputs[0], **TOLERANCE[torch.float64])
     torch.testing.assert_close(model.module.bn.weight.grad, reference.bn.weight.grad, **TOLERANCE[torch.float64])
     assert_state_equal(model, reference, **TOLERANCE[torch.float64])
+
+
+# --- how the replicas meet ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("replicas", [2, 3, 4, 8])
+def test_whole_batch_way_is_bit_identical_to_one_device(way, replicas, memory_format, run_step, monkeypatch):
+    if way != "whole-batch":
+        pytest.skip("merging statistics rounds differently from torch's kernel")
+    # On the caller's thread, so with its intra-op thread count: torch's reductions round
+    # differently with another (replica threads use one), noticeably so at a 1e4 offset.
+    monkeypatch.setattr(syncbn.functional, "CALLER_WORK", 0)
+    reference = make_bn("bn2d", dtype=torch.float32)
+    model = synchronized(reference, replicas)
+    x = torch.randn(input_shape("bn2d", 10), dtype=torch.float32).to(memory_format=memory_format) + 1e4
+    cotangent = torch.randn_like(x)
+    want, got = run_step(reference, x, cotangent), run_step(model, x, cotangent)
+    assert torch.equal(got.out, want.out) and torch.equal(got.x_grad, want.x_grad)
+    assert all(torch.equal(got.grads[name], want.grads[name]) for name in want.grads)
+    assert torch.equal(model.module.running_var, reference.running_var)
+    assert got.out.is_contiguous(memory_format=memory_format)
+
+
+class CropPerReplica(nn.Module):
+    """Replica r drops its last r rows: shards that cannot be joined into one batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rank = current_replica() or 0
+        return self.bn(x[:, :, : x.size(2) - rank]).sum(dim=(2, 3))  # (N, C): shapes that gather
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_shards_that_cannot_be_joined_use_merged_statistics(replicas):
+    model = syncbn.DataParallel(syncbn.convert_model(CropPerReplica()), replicas=replicas)
+    x = torch.randn(2 * replicas, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    outputs = []
+    hook = model.module.bn.register_forward_hook(lambda module, args, out: outputs.append((args[0], out)))
+    model(x)
+    hook.remove()
+    # The reference: every value each replica normalized, pooled per channel.
+    inputs = [inp for inp, _ in sorted(outputs, key=lambda pair: pair[0].size(2), reverse=True)]
+    pooled = torch.cat([inp.transpose(0, 1).reshape(4, -1) for inp in inputs], dim=1)
+    mean, var = pooled.mean(dim=1), pooled.var(dim=1, unbiased=False)
+    weight, bias = model.module.bn.weight.detach(), model.module.bn.bias.detach()
+    got_loss, want_loss = 0.0, 0.0
+    for inp, out in outputs:
+        shape = (1, -1, 1, 1)
+        expected = (inp - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5) * weight.view(shape) + bias.view(shape)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+        cotangent = torch.randn_like(out)
+        got_loss, want_loss = got_loss + (out * cotangent).sum(), want_loss + (expected * cotangent).sum()
+    (got_grad,) = torch.autograd.grad(got_loss, x, retain_graph=True)
+    (want_grad,) = torch.autograd.grad(want_loss, x)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.module.bn.running_mean, 0.1 * mean, rtol=1e-10, atol=1e-12)
+
+
+def test_big_batches_are_normalized_once_on_the_callers_thread(way, monkeypatch):
+    threads = []
+
+    def recording_batch_norm(*args, **kwargs):
+        threads.append((threading.current_thread(), torch.is_grad_enabled()))
+        return torch.nn.functional.batch_norm(*args, **kwargs)
+
+    monkeypatch.setattr(syncbn.functional, "torch_batch_norm", recording_batch_norm)
+    monkeypatch.setattr(syncbn.functional, "CALLER_WORK", 0)
+    model = synchronized(make_bn("bn2d"), replicas=4)
+    model(torch.randn(8, 4, 3, 3, dtype=torch.float64))
+    with torch.no_grad():
+        model(torch.randn(8, 4, 3, 3, dtype=torch.float64))
+    expected = [(threading.current_thread(), True), (threading.current_thread(), False)]
+    assert threads == (expected if way == "whole-batch" else [])
+
+
+def test_the_callers_intra_op_thread_count_is_kept():
+    before = torch.get_num_threads()
+    synchronized(make_bn("bn2d"), replicas=4)(torch.randn(8, 4, 3, 3, dtype=torch.float64))
+    assert torch.get_num_threads() == before

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import namedtuple
 
+import pytest
 import torch
 
-from syncbn.parallel.scatter_gather import gather, scatter, scatter_arguments
+from syncbn.parallel.scatter_gather import gather, join, scatter, scatter_arguments
 
 CPU = torch.device("cpu")
 Pair = namedtuple("Pair", "a b")
@@ -55,3 +56,36 @@ def test_gather_is_differentiable():
     x = torch.randn(5, 2, requires_grad=True)
     gather([s * 2 for s in scatter(x, [CPU] * 3)], CPU).sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("sizes", [[3, 3, 2], [2, 0, 1], [0, 5]])
+def test_join_of_the_shards_of_one_batch_is_that_batch_without_a_copy(sizes, memory_format):
+    batch = torch.randn(sum(sizes), 3, 4, 2).contiguous(memory_format=memory_format)
+    joined = join(list(batch.split(sizes)))
+    assert joined is batch
+
+
+def test_join_copies_when_the_parts_are_not_one_batch_in_order():
+    batch = torch.randn(6, 3)
+    first, second, third = batch.split([2, 2, 2])
+    for parts in ([second, first, third], [first, third], [first, second], [first, second.clone(), third]):
+        joined = join(parts)
+        assert joined is not batch and torch.equal(joined, torch.cat(parts))
+    narrow = torch.randn(6, 4)[:, :3]  # slices of a view tile its root's storage, not the view
+    assert torch.equal(join(list(narrow.split([3, 3]))), narrow)
+
+
+def test_join_along_another_dimension():
+    batch = torch.randn(2, 6)
+    assert join(list(batch.split([4, 2], dim=1)), dim=1) is batch
+    assert join(list(batch.split([4, 2], dim=1)), dim=-1) is batch
+    assert torch.equal(join([batch[:, :2], batch[:, 4:]], dim=1), torch.cat([batch[:, :2], batch[:, 4:]], dim=1))
+
+
+def test_join_without_a_copy_is_differentiable_like_cat():
+    leaf = torch.randn(5, 3, requires_grad=True)
+    parts = list((leaf * 2).split([2, 3]))
+    cotangent = torch.randn(5, 3)
+    join(parts).backward(cotangent)
+    assert torch.equal(leaf.grad, 2 * cotangent)

@@ -13,7 +13,6 @@ import syncbn
 from sample_models import SAMPLES
 from sample_models.mixed import mixed_net
 from sample_models.resnet import resnet_tiny
-from syncbn.comm.threads import ReplicaContext
 from syncbn.verify import Comparison, ModelRunError, Tolerance, default_tolerance, verify_model
 from syncbn_cli.io import build_from_factory
 
@@ -22,12 +21,6 @@ def build(spec: str) -> tuple[nn.Module, tuple[int, ...]]:
     torch.manual_seed(0)
     model, shape = build_from_factory(spec)
     return model, shape
-
-
-@pytest.fixture
-def broken_sync(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SyncBN with synchronization skipped: every replica keeps its own statistics."""
-    monkeypatch.setattr(ReplicaContext, "all_reduce_statistics", lambda self, local: local)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -79,11 +72,7 @@ def test_broken_sync_fails_at_the_first_batch_norm_layer(broken_sync: None) -> N
     assert report.synced.max_rel_err == pytest.approx(report.unsynced.max_rel_err, rel=1e-3)
 
 
-def test_a_failing_sync_batch_norm_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(self: ReplicaContext, local: object) -> object:
-        raise RuntimeError("rendezvous lost")
-
-    monkeypatch.setattr(ReplicaContext, "all_reduce_statistics", fail)
+def test_a_failing_sync_batch_norm_is_reported_not_raised(failing_sync: None) -> None:
     report = verify_model(mixed_net(), (3, 16, 16), replicas=2, steps=2, device="cpu")
     assert not report.passed
     assert report.synced.error == "RuntimeError: rendezvous lost"

@@ -82,13 +82,15 @@ class ReplicaGroup:
         {0: 3, 1: 3}
     """
 
-    def __init__(self, world_size: int, timeout: float = 60.0) -> None:
+    def __init__(self, world_size: int, timeout: float = 60.0, *, shared_device: bool = False) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1 (got {world_size})")
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds (got {timeout})")
         self.world_size = world_size
         self.timeout = float(timeout)
+        self.shared_device = shared_device
+        self.caller = CallerWork(world_size)
         # One condition per rank, all on one lock: handing the turn on wakes exactly the
         # replica that gets it (notify_all would wake R-1 threads to go back to sleep).
         self._lock = threading.Lock()
@@ -245,6 +247,112 @@ class ReplicaGroup:
         return SyncBNTimeoutError(message)
 
 
+class CallerWork:
+    """Work that replica threads hand to the thread that started them, which runs it and waits.
+
+    Why: a replica thread is a poor place for whole-batch work on the CPU. Its allocations
+    come from a fresh malloc arena that hands big blocks back to the system when freed,
+    so every step page-faults its buffers in again (as much time as the work itself), and
+    its OpenMP team is cold or, for a new thread, not yet made (~0.4 ms). The caller's
+    thread has both warm: it is where ``nn.BatchNorm`` itself runs. The replica that hands
+    work over keeps its turn, so still only one thread runs at a time.
+
+    Unless ``open`` was called (by ``parallel_apply``, before it starts the replica
+    threads), ``run`` runs the work on the calling thread itself.
+
+    Example:
+        >>> CallerWork(replicas=2).run(lambda: 1 + 1)
+        2
+    """
+
+    def __init__(self, replicas: int) -> None:
+        self._replicas = replicas
+        self._changed = threading.Condition(threading.Lock())
+        self._serving = False
+        self._ended = 0
+        self._work: list[_Work] = []
+
+    def run(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the serving thread (or here, if none serves); return its result."""
+        with self._changed:
+            if not self._serving:
+                work = None
+            else:
+                work = _Work(function)
+                self._work.append(work)
+                self._changed.notify_all()
+                while not work.done:
+                    self._changed.wait()
+        if work is None:
+            return function()
+        if work.error is not None:
+            raise work.error
+        return work.result
+
+    def open(self) -> None:
+        """From now on ``run`` hands work to ``serve``, which must follow on this thread."""
+        with self._changed:
+            self._serving = True
+
+    def serve(self) -> None:
+        """On the caller's thread: run handed-over work until every replica called ``thread_ended``."""
+        try:
+            while True:
+                with self._changed:
+                    while not self._work and self._ended < self._replicas:
+                        self._changed.wait()
+                    if not self._work:
+                        return
+                    work = self._work.pop(0)
+                try:
+                    work.result = work.function()
+                except BaseException as error:  # noqa: BLE001 - raised again on the replica's thread
+                    work.error = error
+                with self._changed:
+                    work.done = True
+                    self._changed.notify_all()
+        finally:
+            with self._changed:
+                self._serving = False
+                for work in self._work:  # only when serve itself was interrupted
+                    work.error, work.done = RuntimeError("the thread serving SyncBN replicas stopped"), True
+                self._work.clear()
+                self._changed.notify_all()
+
+    def thread_ended(self) -> None:
+        """Count a replica thread as ended (its last act), waking ``serve``."""
+        with self._changed:
+            self._ended += 1
+            self._changed.notify_all()
+
+
+def in_current_modes(function: Callable[[], Any]) -> Callable[[], Any]:
+    """``function``, to be run on another thread in this thread's grad mode and CPU autocast state.
+
+    Example:
+        >>> with torch.no_grad():
+        ...     check = in_current_modes(torch.is_grad_enabled)
+        >>> check()
+        False
+    """
+    grad_enabled = torch.is_grad_enabled()
+    autocast_enabled, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+    def run() -> Any:
+        with torch.set_grad_enabled(grad_enabled), torch.autocast("cpu", autocast_dtype, autocast_enabled):
+            return function()
+
+    return run
+
+
+@dataclass
+class _Work:
+    function: Callable[[], Any]
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
 @dataclass(frozen=True)
 class ReplicaContext:
     """What one replica of a SyncBN layer needs to synchronize: its group, rank and layer name.
@@ -267,12 +375,13 @@ class ReplicaContext:
 
     def all_reduce_statistics(self, local: BatchStatistics) -> BatchStatistics:
         """Merge ``local`` with every peer's statistics for this call; result on ``local``'s device."""
-        merged = self.group.exchange(self.rank, self.layer, local, _merge_on_first_device)
+        merged = self.group.exchange(self.rank, self.layer, local, merge_replica_statistics)
         device = local.mean.device
         return BatchStatistics(merged.count, merged.mean.to(device), merged.m2.to(device))
 
 
-def _merge_on_first_device(parts: list[BatchStatistics]) -> BatchStatistics:
+def merge_replica_statistics(parts: list[BatchStatistics]) -> BatchStatistics:
+    """Chan's merge of every replica's statistics, on the first one's device, differentiable."""
     device = parts[0].mean.device
     counts = tuple(p.count for p in parts)
     tensors = [p.mean.to(device) for p in parts] + [p.m2.to(device) for p in parts]

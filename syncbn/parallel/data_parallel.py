@@ -49,20 +49,9 @@ def run_synchronized(
     timeout: float,
 ) -> list[Any]:
     """Bind ``replicas`` (copies of ``module``) to a new group and run them in threads."""
-    group = ReplicaGroup(len(replicas), timeout)
+    group = ReplicaGroup(len(replicas), timeout, shared_device=len(set(devices)) == 1)
     bind_replicas(module, replicas, group)
-    if any(device.type != "cpu" for device in devices):
-        return parallel_apply(replicas, args, kwargs, devices, group)
-    # Virtual CPU replicas take turns on the cores (see syncbn.comm.threads). Each op of a
-    # replica thread runs on one intra-op thread: an OpenMP region started from a fresh,
-    # non-main thread costs ~50 µs to wake its team (~0.4 ms to create it), more than most
-    # per-shard ops take. Restored before the backward, which runs on this thread.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return parallel_apply(replicas, args, kwargs, devices, group)
-    finally:
-        torch.set_num_threads(saved)
+    return parallel_apply(replicas, args, kwargs, devices, group)
 
 
 class DataParallel(nn.Module):

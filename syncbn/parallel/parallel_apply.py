@@ -5,11 +5,27 @@ thread-local in torch) and, on CUDA, selects its replica's device. When a replic
 raises, the group is told at once so that peers waiting at a SyncBN rendezvous stop
 waiting; the error re-raised to the caller is the root cause, never a peer's
 "somebody else failed", and it carries a note of what every replica did.
+
+Thread policy for virtual CPU replicas (R replicas on few cores, never oversubscribed):
+
+- replicas take turns (see ``syncbn.comm.threads``): one replica thread runs at a time;
+- each replica thread runs its ops on one intra-op thread: an OpenMP team woken from a
+  thread that has just taken its turn costs ~50 µs (~0.4 ms to create), more than most
+  per-shard ops take;
+- the replica threads share one core (Linux): handing the turn on is then a wake-up on
+  the same core, ~10 µs, instead of one across cores, which on a virtual machine costs
+  ~20 µs and slows the ops after it as much again;
+- whole-batch work (a SyncBN layer normalizing every replica's shard at once) is handed
+  to the caller's thread, which waits for the replicas anyway: it runs there on every
+  intra-op thread, with warm buffers (``syncbn.comm.threads.CallerWork``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +35,7 @@ from torch import nn
 
 from syncbn.comm.threads import ReplicaGroup
 from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
+from syncbn.parallel.replica_threads import POOL
 
 _current = threading.local()
 
@@ -69,10 +86,17 @@ def parallel_apply(
         for device_type in {d.type for d in devices}
     }
 
+    cpu = all(device.type == "cpu" for device in devices)
+    caller_threads = torch.get_num_threads()
+    # Replica threads are pooled: each forward sets their policy afresh (see the module doc).
+    replica_threads, cores = (1, _replica_cores()) if cpu else (caller_threads, _all_cores())
+
     def work(rank: int) -> None:
         device = devices[rank]
         enabled, dtype = autocast[device.type]
         _current.rank = rank
+        torch.set_num_threads(replica_threads)  # this thread's own setting
+        _pin_to(cores)
         try:
             group.begin(rank)
             with (
@@ -86,17 +110,58 @@ def parallel_apply(
             group.fail(rank, error)
         else:
             group.finish(rank)
+        finally:
+            _current.rank = None
+            group.caller.thread_ended()
 
-    threads = [
-        threading.Thread(target=work, args=(rank,), name=f"syncbn-replica-{rank}") for rank in range(len(replicas))
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    # Replica threads set their own count; with OpenMP, a thread that never set its
+    # count reads a shared one, so the caller sets its own first (and restores it).
+    torch.set_num_threads(caller_threads)
+    group.caller.open()
+    try:
+        POOL.run([functools.partial(work, rank) for rank in range(len(replicas))], wait=group.caller.serve)
+    finally:
+        torch.set_num_threads(caller_threads)
     if any(error is not None for error in errors):
         raise _root_cause(errors)
     return results
+
+
+def _all_cores() -> set[int] | None:
+    """The cores the caller may run on (Linux), or None where threads cannot be pinned."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return os.sched_getaffinity(0)
+
+
+def _replica_cores() -> set[int] | None:
+    """One core for every replica thread: the one the caller's thread runs on (Linux)."""
+    cores = _all_cores()
+    core = _current_core()
+    return {core} if cores is not None and core in cores else cores
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def _current_core() -> int | None:
+    libc = _libc()
+    if libc is None or not hasattr(libc, "sched_getcpu"):
+        return None
+    core = libc.sched_getcpu()
+    return core if core >= 0 else None
+
+
+def _pin_to(cores: set[int] | None) -> None:
+    if cores is None:
+        return
+    with contextlib.suppress(OSError):  # a container may forbid it: then threads just float
+        os.sched_setaffinity(0, cores)
 
 
 def _root_cause(errors: list[BaseException | None]) -> BaseException:

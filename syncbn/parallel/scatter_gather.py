@@ -83,9 +83,7 @@ def gather(outputs: Sequence[Any], device: torch.device, dim: int = 0) -> Any:
         moved = [out.to(device) for out in outputs]
         if first.dim() == 0:
             return torch.stack(moved)
-        # torch.cat drops channels_last when one part is empty; empty shards add nothing.
-        nonempty = [out for out in moved if out.numel() > 0]
-        return torch.cat(nonempty or moved, dim)
+        return join(moved, dim)
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(gather(parts, device, dim) for parts in zip(*outputs, strict=False)))
     if isinstance(first, (tuple, list)):
@@ -95,3 +93,42 @@ def gather(outputs: Sequence[Any], device: torch.device, dim: int = 0) -> Any:
             raise ValueError("all replicas must return dicts with the same keys")
         return type(first)((key, gather([out[key] for out in outputs], device, dim)) for key in first)
     return first
+
+
+def join(parts: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat(parts, dim)``, without the copy when ``parts`` are consecutive slices of one tensor.
+
+    Shards that ``scatter`` split from one batch, and outputs a SyncBN layer split from
+    its whole-batch result, are views that tile the tensor they came from: that tensor
+    *is* their concatenation, in value and, since autograd follows views, in gradient.
+
+    Example:
+        >>> batch = torch.zeros(3, 2)
+        >>> join(list(batch.split([2, 1]))) is batch
+        True
+        >>> join([torch.zeros(1, 2), torch.ones(1, 2)]).tolist()
+        [[0.0, 0.0], [1.0, 1.0]]
+    """
+    base = parts[0]._base
+    if base is not None and _tiles(parts, base, dim):
+        return base
+    # torch.cat drops channels_last when one part is empty; empty parts add nothing.
+    nonempty = [part for part in parts if part.numel() > 0]
+    return torch.cat(nonempty or list(parts), dim)
+
+
+def _tiles(parts: Sequence[Tensor], base: Tensor, dim: int) -> bool:
+    """Whether ``parts`` are ``base``'s consecutive slices along ``dim``, covering it all."""
+    if base.dim() != parts[0].dim():
+        return False
+    dim = dim % base.dim()
+    start = 0
+    for part in parts:
+        if part._base is not base or part.stride() != base.stride() or part.dtype != base.dtype:
+            return False
+        if part.shape[:dim] != base.shape[:dim] or part.shape[dim + 1 :] != base.shape[dim + 1 :]:
+            return False
+        if part.size(dim) and part.storage_offset() != base.storage_offset() + start * base.stride(dim):
+            return False
+        start += part.size(dim)
+    return start == base.size(dim)
