@@ -11,13 +11,18 @@ where the target is one:
 - synchronization overhead per BatchNorm layer call on tiny tensors (50 layers), R = 4
   threads: at most 100 µs; and the same for 2 gloo processes (reported);
 - peak memory of forward + backward: at most 1.1x ``nn.BatchNorm``'s (one replica; with
-  R replicas DataParallel's gather and scatter add a copy each, reported).
+  R replicas, reported).
+
+Reported next to the R = 4 ratios: the floor, ``syncbn.DataParallel(nn.Identity())`` on
+the same batch (scatter, replica threads, gather and their backward with no layer at
+all), as a ratio to the same ``nn.BatchNorm`` time: what any layer pays on R threads.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from syncbn.bench import SYNCBN, BenchReport, machine_info, run_benchmark
+from syncbn.bench import REFERENCE, SYNCBN, BenchReport, machine_info, run_benchmark, time_step
 from syncbn.convert import convert_model
 from syncbn.parallel import DataParallel
 
@@ -106,6 +111,11 @@ def run_perf_suite(
                 row = next(r for r in run.rows if r.shape == text and r.impl == SYNCBN and r.replicas == replicas)
                 name = "1 replica" if replicas == 1 else f"R={replicas} threads"
                 targets.append(PerfTarget(f"{name}, BatchNorm2d {text} {layout}", row.ratio, bound, "x"))
+                if replicas > 1:
+                    reference = next(r for r in run.rows if r.shape == text and r.impl == REFERENCE)
+                    floor = data_parallel_floor_ms(shape, replicas, channels_last, repeats, warmup)
+                    name = f"R={replicas} floor, DataParallel(nn.Identity) {text} {layout}"
+                    targets.append(PerfTarget(name, floor / reference.total_ms, None, "x"))
     step(2, "BatchNorm1d")
     run = run_benchmark([BN1D_SHAPE], replicas=1, repeats=repeats, warmup=warmup, processes=False, overhead=False)
     runs.append(run)
@@ -142,6 +152,22 @@ def run_perf_suite(
         targets.append(PerfTarget(f"peak memory, R={replicas}, BatchNorm2d {text}", measured / reference, bound, "x"))
     step(steps, "done")
     return PerfReport(targets=targets, runs=runs, machine=machine_info("cpu"))
+
+
+def data_parallel_floor_ms(
+    shape: tuple[int, ...], replicas: int, channels_last: bool, repeats: int, warmup: int
+) -> float:
+    """Median forward + backward ms of ``syncbn.DataParallel(nn.Identity(), replicas=R)`` on ``shape``.
+
+    Example:
+        >>> floor_ms = data_parallel_floor_ms((8, 4, 2, 2), 2, False, repeats=1, warmup=0)
+    """
+    format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=format)
+    cotangent = torch.randn(shape).contiguous(memory_format=format)
+    model = DataParallel(nn.Identity(), replicas=replicas)
+    times = [sum(time_step(model, x, cotangent, x.device)) for _ in range(warmup + repeats)]
+    return statistics.median(times[warmup:])
 
 
 def peak_memory_mb(shape: tuple[int, ...], *, synchronized: bool, replicas: int) -> float:
