@@ -1,10 +1,12 @@
 """The threads way: R replicas of one forward, in threads, meeting at each SyncBN call.
 
-Each replica posts its local statistics to a rendezvous keyed by (layer, call index);
-the last one to arrive merges them on the first replica's device, and every replica
-copies the result to its own device. Both the merge and the copies are ordinary
-differentiable tensor ops, so the backward pass needs no rendezvous at all: autograd
-follows the graph across replicas by itself. That is not only simpler, it is required:
+Each replica posts what it brings to a rendezvous keyed by (layer, call index), and
+the last one to arrive combines the posts for all. Replicas on different devices post
+their local statistics, which are merged on the first replica's device and copied to
+every other; replicas sharing a device (virtual CPU replicas) post their shards, which
+are normalized at once as the full batch (see ``syncbn.functional``). Either way the
+combination is made of ordinary differentiable tensor ops, so the backward pass needs
+no rendezvous at all: autograd follows the graph across replicas by itself. That is not only simpler, it is required:
 on the CPU the autograd engine runs every replica's backward on *one* thread, so a
 blocking exchange inside a backward would wait for a peer that can never run.
 
@@ -67,6 +69,11 @@ class ReplicaGroup:
     Args:
         world_size: number of replicas.
         timeout: seconds a replica waits for its peers at one call before giving up.
+        shared_device: every replica runs on one device, so SyncBN may normalize their
+            shards at once (``DataParallel`` sets it for virtual CPU replicas).
+
+    Attributes:
+        caller: where replicas hand whole-batch work to the caller's thread.
 
     Example:
         >>> import threading
