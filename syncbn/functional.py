@@ -28,7 +28,7 @@ from torch import Tensor
 
 from syncbn import kernels
 from syncbn.comm.distributed import all_gather_statistics, all_reduce_sum
-from syncbn.comm.threads import CallerWork, ReplicaContext, in_current_modes, merge_replica_statistics
+from syncbn.comm.threads import CallerWork, ReplicaContext, ThreadModes, merge_replica_statistics
 from syncbn.parallel.scatter_gather import join
 from syncbn.stats import BatchStatistics
 
@@ -134,7 +134,13 @@ def _normalize_together(shards: list[_Shard], caller: CallerWork) -> list[Tensor
         )
 
     if first.input.device.type == "cpu" and sum(shard.input.numel() for shard in shards) >= CALLER_WORK:
-        output = caller.run(in_current_modes(normalize_whole_batch))
+        modes = ThreadModes.capture(["cpu"])  # this replica's, entered on the caller's thread
+
+        def on_caller() -> Tensor:
+            with modes.entered("cpu"):
+                return normalize_whole_batch()
+
+        output = caller.run(on_caller)
     else:
         output = normalize_whole_batch()
     return list(output.split([shard.input.size(0) for shard in shards]))

@@ -162,9 +162,9 @@ def data_parallel_floor_ms(
     Example:
         >>> floor_ms = data_parallel_floor_ms((8, 4, 2, 2), 2, False, repeats=1, warmup=0)
     """
-    format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(shape).contiguous(memory_format=format)
-    cotangent = torch.randn(shape).contiguous(memory_format=format)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+    cotangent = torch.randn(shape).contiguous(memory_format=memory_format)
     model = DataParallel(nn.Identity(), replicas=replicas)
     times = [sum(time_step(model, x, cotangent, x.device)) for _ in range(warmup + repeats)]
     return statistics.median(times[warmup:])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import syncbn
-from syncbn.comm.threads import CallerWork, ReplicaGroup, in_current_modes
+from syncbn.comm.threads import CallerWork, ReplicaGroup, ThreadModes
 
 
 def run_ranks(group: ReplicaGroup, body) -> dict[int, object]:
@@ -249,5 +249,7 @@ def test_caller_work_runs_in_place_when_nobody_serves():
 
 def test_caller_work_keeps_the_handing_threads_grad_mode():
     with torch.no_grad():
-        check = in_current_modes(torch.is_grad_enabled)
-    assert torch.is_grad_enabled() and check() is False
+        modes = ThreadModes.capture(["cpu"])
+    with modes.entered("cpu"):
+        inside = torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and inside is False

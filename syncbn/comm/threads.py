@@ -6,9 +6,10 @@ their local statistics, which are merged on the first replica's device and copie
 every other; replicas sharing a device (virtual CPU replicas) post their shards, which
 are normalized at once as the full batch (see ``syncbn.functional``). Either way the
 combination is made of ordinary differentiable tensor ops, so the backward pass needs
-no rendezvous at all: autograd follows the graph across replicas by itself. That is not only simpler, it is required:
-on the CPU the autograd engine runs every replica's backward on *one* thread, so a
-blocking exchange inside a backward would wait for a peer that can never run.
+no rendezvous at all: autograd follows the graph across replicas by itself. That is
+not only simpler, it is required: on the CPU the autograd engine runs every replica's
+backward on *one* thread, so a blocking exchange inside a backward would wait for a
+peer that can never run.
 
 Replicas take turns: one replica thread runs at a time and hands the turn on when it
 waits at a rendezvous or finishes; the last to arrive merges and runs on. Why: R Python
@@ -26,10 +27,11 @@ and ``SyncBNPeerError`` as soon as a peer raised.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,23 +335,33 @@ class CallerWork:
             self._changed.notify_all()
 
 
-def in_current_modes(function: Callable[[], Any]) -> Callable[[], Any]:
-    """``function``, to be run on another thread in this thread's grad mode and CPU autocast state.
+@dataclass(frozen=True)
+class ThreadModes:
+    """A thread's grad mode and autocast state (thread-local in torch), to enter on another thread.
 
     Example:
         >>> with torch.no_grad():
-        ...     check = in_current_modes(torch.is_grad_enabled)
-        >>> check()
+        ...     modes = ThreadModes.capture(["cpu"])
+        >>> with modes.entered("cpu"):
+        ...     torch.is_grad_enabled()
         False
     """
-    grad_enabled = torch.is_grad_enabled()
-    autocast_enabled, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
-    def run() -> Any:
-        with torch.set_grad_enabled(grad_enabled), torch.autocast("cpu", autocast_dtype, autocast_enabled):
-            return function()
+    grad_enabled: bool
+    autocast: dict[str, tuple[bool, torch.dtype]]
 
-    return run
+    @classmethod
+    def capture(cls, device_types: Iterable[str]) -> ThreadModes:
+        """This thread's modes, with the autocast state of each of ``device_types``."""
+        autocast = {kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in device_types}
+        return cls(torch.is_grad_enabled(), autocast)
+
+    @contextlib.contextmanager
+    def entered(self, device_type: str) -> Iterator[None]:
+        """Run the block in these modes, with ``device_type``'s autocast state."""
+        enabled, dtype = self.autocast[device_type]
+        with torch.set_grad_enabled(self.grad_enabled), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            yield
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from syncbn.comm.threads import ReplicaGroup
+from syncbn.comm.threads import ReplicaGroup, ThreadModes
 from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
 from syncbn.parallel.replica_threads import POOL
 
@@ -80,12 +80,7 @@ def parallel_apply(
     """
     results: list[Any] = [None] * len(replicas)
     errors: list[BaseException | None] = [None] * len(replicas)
-    grad_enabled = torch.is_grad_enabled()
-    autocast = {
-        device_type: (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        for device_type in {d.type for d in devices}
-    }
-
+    modes = ThreadModes.capture({d.type for d in devices})
     cpu = all(device.type == "cpu" for device in devices)
     caller_threads = torch.get_num_threads()
     # Replica threads are pooled: each forward sets their policy afresh (see the module doc).
@@ -93,15 +88,13 @@ def parallel_apply(
 
     def work(rank: int) -> None:
         device = devices[rank]
-        enabled, dtype = autocast[device.type]
         _current.rank = rank
         torch.set_num_threads(replica_threads)  # this thread's own setting
         _pin_to(cores)
         try:
             group.begin(rank)
             with (
-                torch.set_grad_enabled(grad_enabled),
-                torch.autocast(device.type, dtype=dtype, enabled=enabled),
+                modes.entered(device.type),
                 torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(),
             ):
                 results[rank] = replicas[rank](*args[rank], **kwargs[rank])
