@@ -18,7 +18,6 @@ backward (two per-channel gradient sums).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -28,16 +27,13 @@ from torch import Tensor
 
 from syncbn import kernels
 from syncbn.comm.distributed import all_gather_statistics, all_reduce_sum
-from syncbn.comm.threads import CallerWork, ReplicaContext, ThreadModes, merge_replica_statistics
+from syncbn.comm.threads import ReplicaContext, merge_replica_statistics
 from syncbn.parallel.scatter_gather import join
 from syncbn.stats import BatchStatistics
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
 # unsynchronized path must still reach torch's own kernel.
 torch_batch_norm = F.batch_norm
-# Replicas sharing the CPU hand whole-batch work of at least this many elements to the
-# caller's thread: below it, the two extra thread switches (~40 µs) cost more than it saves.
-CALLER_WORK = 1 << 16
 
 
 def sync_batch_norm(
@@ -81,8 +77,7 @@ def sync_batch_norm(
     if training and replica is not None and replica.world_size > 1:
         shard = _Shard(input, running_mean, running_var, weight, bias, momentum, eps)
         if replica.group.shared_device:
-            normalize = functools.partial(_normalize_together, caller=replica.group.caller)
-            return replica.group.exchange(replica.rank, replica.layer, shard, normalize)[replica.rank]
+            return replica.group.exchange(replica.rank, replica.layer, shard, _normalize_together)[replica.rank]
         stats = replica.all_reduce_statistics(_local_statistics(input))
         return _normalize_with(shard, stats, replica.rank, replica.world_size)
     if training and process_group is not None:
@@ -110,14 +105,13 @@ class _Shard(NamedTuple):
     eps: float
 
 
-def _normalize_together(shards: list[_Shard], caller: CallerWork) -> list[Tensor]:
+def _normalize_together(shards: list[_Shard]) -> list[Tensor]:
     """Every replica's output, computed once all have arrived (replicas share a device).
 
     The shards joined along the batch are the full batch, so torch's own BatchNorm
     normalizes them: bit-identical to one device, three autograd nodes (join, BatchNorm,
     split) where merging statistics takes nine Python ones, and one pass over the batch
-    where R shard passes each pay the per-op overhead. On the CPU, big batches are
-    normalized on the caller's thread (see ``CallerWork``). Shards that cannot be joined
+    where R shard passes each pay the per-op overhead. Shards that cannot be joined
     (sizes beyond the batch, dtypes, layouts or parameters differ) are normalized one
     by one with merged statistics instead.
     """
@@ -125,24 +119,11 @@ def _normalize_together(shards: list[_Shard], caller: CallerWork) -> list[Tensor
         merged = merge_replica_statistics([_local_statistics(shard.input) for shard in shards])
         return [_normalize_with(shard, merged, rank, len(shards)) for rank, shard in enumerate(shards)]
     first = shards[0]  # replica 0's buffers are the master's; the others' copies are discarded
-
-    def normalize_whole_batch() -> Tensor:
-        whole = join([shard.input for shard in shards])
-        _check_count(whole.numel() // whole.size(1), whole, f"all {len(shards)} replicas")
-        return torch_batch_norm(
-            whole, first.running_mean, first.running_var, first.weight, first.bias, True, first.momentum, first.eps
-        )
-
-    if first.input.device.type == "cpu" and sum(shard.input.numel() for shard in shards) >= CALLER_WORK:
-        modes = ThreadModes.capture(["cpu"])  # this replica's, entered on the caller's thread
-
-        def on_caller() -> Tensor:
-            with modes.entered("cpu"):
-                return normalize_whole_batch()
-
-        output = caller.run(on_caller)
-    else:
-        output = normalize_whole_batch()
+    whole = join([shard.input for shard in shards])
+    _check_count(whole.numel() // whole.size(1), whole, f"all {len(shards)} replicas")
+    output = torch_batch_norm(
+        whole, first.running_mean, first.running_var, first.weight, first.bias, True, first.momentum, first.eps
+    )
     return list(output.split([shard.input.size(0) for shard in shards]))
 
 
@@ -158,7 +139,7 @@ def _joinable(shards: list[_Shard]) -> bool:
         shard.input.shape[1:] == first.input.shape[1:]
         and shard.weight is first.weight
         and shard.bias is first.bias
-        and (shard.momentum, shard.eps) == (first.momentum, first.eps)
+        and shard.eps == first.eps  # momentum: only replica 0's updates the running statistics
         for shard in shards
     ) and all((part.stride(), part.dtype, part.device) == layout for part in parts)
 

@@ -53,6 +53,9 @@ class SyncBatchNorm(_BatchNorm):
 
     # Marks modules that DataParallel binds to a replica group (see syncbn.parallel).
     _syncbn_synchronized = True
+    # Only replica 0 ever writes its buffers (forward below, syncbn.functional), so
+    # replicas on the master's device may read the master's instead of copies.
+    _syncbn_replicas_read_buffers_only = True
     # Class-level default: converted modules are made without calling __init__.
     process_group: dist.ProcessGroup | None = None
 
@@ -78,11 +81,15 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        replica = replica_context(self)
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+            # Replica 0's buffers are the master's; the other replicas' are discarded (or
+            # are the master's, read only), so only replica 0 counts.
+            if replica is None or replica.rank == 0:
+                self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                exponential_average_factor = 1.0 / max(float(self.num_batches_tracked), 1.0)
         # Batch statistics in training, and in eval when there are no running ones.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are updated only when tracked and training.
@@ -96,7 +103,7 @@ class SyncBatchNorm(_BatchNorm):
             bn_training,
             exponential_average_factor,
             self.eps,
-            replica=replica_context(self),
+            replica=replica,
             process_group=active_process_group(self.process_group) if bn_training else None,
         )
 

@@ -15,7 +15,7 @@ that raises instead of passing silently.
 
 from __future__ import annotations
 
-import threading
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -38,7 +38,17 @@ class _ActiveLayer:
     routed_calls: int = 0
 
 
-_active = threading.local()
+# Per thread and per greenlet (replicas sharing a device are greenlets of one thread):
+# the synchronized layers whose forward is running, innermost last.
+_active_layers: ContextVar[list[_ActiveLayer] | None] = ContextVar("syncbn_active_layers", default=None)
+
+
+def _layer_stack() -> list[_ActiveLayer]:
+    stack = _active_layers.get()
+    if stack is None:
+        stack = []
+        _active_layers.set(stack)
+    return stack
 
 
 def _routing_batch_norm(
@@ -51,7 +61,7 @@ def _routing_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    stack: list[_ActiveLayer] = getattr(_active, "stack", [])
+    stack = _active_layers.get() or ()
     layer = stack[-1] if stack else None
     # Route only the layer's own call: a nested BN module has other buffers/parameters.
     if layer is not None and _is_own_call(layer.module, running_mean, weight):
@@ -94,7 +104,7 @@ class _SynchronizedSubclass:
         if replica is None and group is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         layer = _ActiveLayer(self, replica, group)  # type: ignore[arg-type]
-        stack = _active.__dict__.setdefault("stack", [])
+        stack = _layer_stack()
         stack.append(layer)
         try:
             output = super().forward(*args, **kwargs)  # type: ignore[misc]

@@ -78,13 +78,21 @@ def assert_state_equal() -> Callable[..., None]:
 def broken_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """SyncBN with synchronization skipped: every replica keeps its own statistics (both ways)."""
 
-    def each_shard_alone(shards: list, caller: object) -> list[Tensor]:
+    def each_shard_alone(shards: list) -> list[Tensor]:
         # torch's own kernel: F.batch_norm may be routed back through SyncBN (BN subclasses).
+        # Only replica 0 updates running statistics: the others may hold the master's.
         return [
             syncbn.functional.torch_batch_norm(
-                s.input, s.running_mean, s.running_var, s.weight, s.bias, True, s.momentum, s.eps
+                s.input,
+                s.running_mean if rank == 0 else None,
+                s.running_var if rank == 0 else None,
+                s.weight,
+                s.bias,
+                True,
+                s.momentum,
+                s.eps,
             )
-            for s in shards
+            for rank, s in enumerate(shards)
         ]
 
     monkeypatch.setattr(syncbn.functional, "_normalize_together", each_shard_alone)

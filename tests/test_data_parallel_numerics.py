@@ -482,12 +482,11 @@ def test_dict_input_and_output(replicas, assert_state_equal):
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("replicas", [2, 3, 4, 8])
-def test_whole_batch_way_is_bit_identical_to_one_device(way, replicas, memory_format, run_step, monkeypatch):
+def test_whole_batch_way_is_bit_identical_to_one_device(way, replicas, memory_format, run_step):
     if way != "whole-batch":
         pytest.skip("merging statistics rounds differently from torch's kernel")
-    # On the caller's thread, so with its intra-op thread count: torch's reductions round
-    # differently with another (replica threads use one), noticeably so at a 1e4 offset.
-    monkeypatch.setattr(syncbn.functional, "CALLER_WORK", 0)
+    # Replicas run on the caller's thread, so torch's kernel runs with the reference's
+    # intra-op thread count (its reductions round differently with another).
     reference = make_bn("bn2d", dtype=torch.float32)
     model = synchronized(reference, replicas)
     x = torch.randn(input_shape("bn2d", 10), dtype=torch.float32).to(memory_format=memory_format) + 1e4
@@ -537,7 +536,7 @@ def test_shards_that_cannot_be_joined_use_merged_statistics(replicas):
     torch.testing.assert_close(model.module.bn.running_mean, 0.1 * mean, rtol=1e-10, atol=1e-12)
 
 
-def test_big_batches_are_normalized_once_on_the_callers_thread(way, monkeypatch):
+def test_the_whole_batch_is_normalized_once_on_the_callers_thread_in_its_grad_mode(way, monkeypatch):
     threads = []
 
     def recording_batch_norm(*args, **kwargs):
@@ -545,7 +544,6 @@ def test_big_batches_are_normalized_once_on_the_callers_thread(way, monkeypatch)
         return torch.nn.functional.batch_norm(*args, **kwargs)
 
     monkeypatch.setattr(syncbn.functional, "torch_batch_norm", recording_batch_norm)
-    monkeypatch.setattr(syncbn.functional, "CALLER_WORK", 0)
     model = synchronized(make_bn("bn2d"), replicas=4)
     model(torch.randn(8, 4, 3, 3, dtype=torch.float64))
     with torch.no_grad():
@@ -558,3 +556,35 @@ def test_the_callers_intra_op_thread_count_is_kept():
     before = torch.get_num_threads()
     synchronized(make_bn("bn2d"), replicas=4)(torch.randn(8, 4, 3, 3, dtype=torch.float64))
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_replicas_read_the_masters_buffers_and_only_replica_0_writes_them(way, momentum, run_step, monkeypatch):
+    # The whole-batch way stays bit-identical over three steps, with momentum=None too,
+    # whose factor depends on the counter: a replica that reads it before replica 0
+    # counted must not push the call off the whole-batch path.
+    merged = []
+    original = syncbn.functional.merge_replica_statistics
+    monkeypatch.setattr(
+        syncbn.functional, "merge_replica_statistics", lambda parts: merged.append(1) or original(parts)
+    )
+    reference = nn.Sequential(nn.BatchNorm1d(4, momentum=momentum), nn.BatchNorm1d(4, momentum=momentum)).double()
+    model = synchronized(reference, replicas=4)
+    master_buffers = dict(model.module.named_buffers())
+    seen = []
+    hook = model.module[1].register_forward_hook(lambda module, args, out: seen.append(module.running_mean))
+    exact = way == "whole-batch"
+    for _ in range(3):
+        x, cotangent = torch.randn(2, 8, 4, dtype=torch.float64).unbind(0)
+        want, got = run_step(reference, x, cotangent), run_step(model, x, cotangent)
+        state, expected = model.module.state_dict(), reference.state_dict()
+        if exact:
+            assert torch.equal(got.out, want.out) and torch.equal(got.x_grad, want.x_grad)
+            assert all(torch.equal(state[key], expected[key]) for key in expected)
+        else:
+            torch.testing.assert_close(got.out, want.out, **TOLERANCE[torch.float64])
+            torch.testing.assert_close(state, expected, **TOLERANCE[torch.float64])
+    hook.remove()
+    assert int(model.module[0].num_batches_tracked) == 3 and not (exact and merged)
+    assert all(buffer is master_buffers["1.running_mean"] for buffer in seen) and len(seen) == 12
+    assert all(model.module.get_buffer(name) is buf for name, buf in master_buffers.items())

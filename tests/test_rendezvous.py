@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import syncbn
-from syncbn.comm.threads import CallerWork, ReplicaGroup, ThreadModes
+from syncbn.comm.threads import ReplicaGroup, ThreadModes
 
 
 def run_ranks(group: ReplicaGroup, body) -> dict[int, object]:
@@ -215,41 +215,20 @@ def test_patch_replication_callback_rejects_other_modules():
         syncbn.patch_replication_callback(nn.Linear(2, 2))
 
 
-# --- work handed to the caller's thread ---------------------------------------------------
+# --- modes carried to another thread ------------------------------------------------------
 
 
-def test_caller_work_runs_on_the_serving_thread_and_returns_or_raises_there():
-    caller = CallerWork(replicas=2)
-    seen = {}
-
-    def replica(rank: int) -> None:
-        try:
-            seen[rank] = caller.run(lambda: threading.current_thread())
-            if rank == 1:
-                caller.run(lambda: 1 / 0)
-        except ZeroDivisionError as error:
-            seen["error"] = error
-        finally:
-            caller.thread_ended()
-
-    threads = [threading.Thread(target=replica, args=(rank,)) for rank in range(2)]
-    caller.open()
-    for thread in threads:
-        thread.start()
-    caller.serve()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert seen[0] is threading.current_thread() and seen[1] is threading.current_thread()
-    assert isinstance(seen["error"], ZeroDivisionError)
-
-
-def test_caller_work_runs_in_place_when_nobody_serves():
-    assert CallerWork(replicas=1).run(threading.current_thread) is threading.current_thread()
-
-
-def test_caller_work_keeps_the_handing_threads_grad_mode():
+def test_thread_modes_are_entered_elsewhere_and_applied_for_good():
     with torch.no_grad():
         modes = ThreadModes.capture(["cpu"])
     with modes.entered("cpu"):
         inside = torch.is_grad_enabled()
     assert torch.is_grad_enabled() and inside is False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = ThreadModes.capture(["cpu"])
+    try:
+        autocast.apply()
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    finally:
+        ThreadModes(True, {"cpu": (False, torch.bfloat16)}).apply()
+    assert not torch.is_autocast_enabled("cpu")

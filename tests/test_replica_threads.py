@@ -1,4 +1,4 @@
-"""Replica threads: pooled between forwards, pinned to one core, one intra-op thread each."""
+"""Replica threads (replicas on different devices): pooled between forwards, never shared."""
 
 from __future__ import annotations
 
@@ -6,51 +6,34 @@ import os
 import threading
 
 import pytest
-import torch
-from torch import nn
 
-import syncbn
-from syncbn.parallel.parallel_apply import current_replica
 from syncbn.parallel.replica_threads import ReplicaThreads
 
 
-class RecordThreads(nn.Module):
-    """Identity that records, per replica, its thread, core affinity and intra-op thread count."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: dict[int, tuple[threading.Thread, set[int] | None, int]] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        self.seen[current_replica()] = (threading.current_thread(), affinity, torch.get_num_threads())
-        return x
+def record_threads(pool: ReplicaThreads, count: int) -> list[threading.Thread]:
+    seen: list[threading.Thread] = []
+    pool.run([lambda: seen.append(threading.current_thread())] * count)
+    return seen
 
 
-def test_forwards_reuse_the_same_threads():
-    recorder = RecordThreads()
-    model = syncbn.DataParallel(recorder, replicas=3)
-    model(torch.randn(6, 2))
-    first = {rank: thread for rank, (thread, _, _) in recorder.seen.items()}
-    model(torch.randn(6, 2))
-    assert set(first.values()) == {thread for thread, _, _ in recorder.seen.values()}
-    assert threading.current_thread() not in first.values()
-    assert all(thread.daemon for thread in first.values())
+def test_runs_reuse_the_same_daemon_threads_and_never_the_callers():
+    pool = ReplicaThreads()
+    first = record_threads(pool, 3)
+    second = record_threads(pool, 3)
+    assert set(first) == set(second) and len(set(first)) == 3
+    assert threading.current_thread() not in first
+    assert all(thread.daemon for thread in first)
 
 
-def test_replicas_run_on_one_core_with_one_intra_op_thread_and_the_caller_is_untouched():
-    recorder = RecordThreads()
-    before = (os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None, torch.get_num_threads())
-    syncbn.DataParallel(recorder, replicas=4)(torch.randn(8, 2))
-    assert {threads for _, _, threads in recorder.seen.values()} == {1}
-    if before[0] is not None:
-        cores = [affinity for _, affinity, _ in recorder.seen.values()]
-        assert all(len(c) == 1 and c == cores[0] for c in cores) and cores[0] <= before[0]
-    after = (os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None, torch.get_num_threads())
-    assert after == before
+def test_wait_runs_on_the_caller_while_the_functions_run():
+    pool = ReplicaThreads()
+    started = threading.Event()
+    waited = []
+    pool.run([lambda: started.set()], wait=lambda: waited.append(started.wait(timeout=30)))
+    assert waited == [True]
 
 
-def test_forwards_running_at_once_never_share_a_thread():
+def test_runs_at_once_never_share_a_thread():
     pool = ReplicaThreads()
     barrier = threading.Barrier(4, timeout=30)  # all four functions run at the same time
     owners: dict[str, set[threading.Thread]] = {"a": set(), "b": set()}
@@ -69,14 +52,15 @@ def test_forwards_running_at_once_never_share_a_thread():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_starts_its_own_threads():
-    model = syncbn.DataParallel(RecordThreads(), replicas=2)
-    model(torch.randn(4, 2))  # the parent's pool now has threads
+    pool = ReplicaThreads()
+    os.register_at_fork(after_in_child=pool._forget)
+    record_threads(pool, 2)  # the parent's pool now has threads
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: the parent's threads do not exist here
+    if pid == 0:  # the child: the parent's threads do not exist here, so new ones must start
         try:
-            out = model(torch.arange(4.0).view(4, 1))
-            os.write(write, b"ok" if out.view(-1).tolist() == [0.0, 1.0, 2.0, 3.0] else b"bad")
+            seen = record_threads(pool, 2)
+            os.write(write, b"ok" if len(set(seen)) == 2 and all(t.is_alive() for t in seen) else b"bad")
         finally:
             os._exit(0)
     os.close(write)

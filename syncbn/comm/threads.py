@@ -11,12 +11,14 @@ not only simpler, it is required: on the CPU the autograd engine runs every repl
 backward on *one* thread, so a blocking exchange inside a backward would wait for a
 peer that can never run.
 
-Replicas take turns: one replica thread runs at a time and hands the turn on when it
-waits at a rendezvous or finishes; the last to arrive merges and runs on. Why: R Python
+Replicas take turns: one replica runs at a time and hands the turn on when it waits at
+a rendezvous or finishes; the last to arrive combines and runs on. Replicas that share a
+device run as greenlets on the caller's own thread (``syncbn.parallel.replica_greenlets``),
+where handing the turn on is a switch of about a microsecond; replicas on different
+devices run in OS threads, where it is a wake-up. Why turns even with threads: R Python
 threads running at once fight over the GIL at every tensor op (each op releases and
 re-acquires it), which made a SyncBN call on a tiny tensor 10x slower than the work it
-does; and R replicas each starting their own intra-op thread pool oversubscribe the
-cores. Taking turns, each replica's ops get every core, and the order of work, and so
+does. Taking turns, each replica's ops get every core, and the order of work, and so
 the result, is the same on every run.
 
 A rendezvous that cannot complete never hangs: waiting replicas raise
@@ -35,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import greenlet
 import torch
 from torch import Tensor, nn
 
@@ -74,9 +77,6 @@ class ReplicaGroup:
         shared_device: every replica runs on one device, so SyncBN may normalize their
             shards at once (``DataParallel`` sets it for virtual CPU replicas).
 
-    Attributes:
-        caller: where replicas hand whole-batch work to the caller's thread.
-
     Example:
         >>> import threading
         >>> group = ReplicaGroup(2, timeout=5.0)
@@ -99,7 +99,6 @@ class ReplicaGroup:
         self.world_size = world_size
         self.timeout = float(timeout)
         self.shared_device = shared_device
-        self.caller = CallerWork(world_size)
         # One condition per rank, all on one lock: handing the turn on wakes exactly the
         # replica that gets it (notify_all would wake R-1 threads to go back to sleep).
         self._lock = threading.Lock()
@@ -110,6 +109,8 @@ class ReplicaGroup:
         self._finished: set[int] = set()
         self._abort: _Abort | None = None
         self._turn = 0  # the rank whose thread may run now
+        # Set when replicas are greenlets of one thread: waiting switches to this one.
+        self._scheduler: greenlet.greenlet | None = None
 
     def begin(self, rank: int) -> None:
         """Block until it is ``rank``'s turn to start its forward (rank 0 starts at once).
@@ -169,6 +170,55 @@ class ReplicaGroup:
                 self._set_abort(_Abort(f"replica {rank} raised {type(error).__name__}: {error}", peer_error=error))
             self._pass_turn(rank)
 
+    def run_as_greenlets(self, scheduler: greenlet.greenlet) -> None:
+        """From now on replicas are greenlets of one thread that ``scheduler`` switches to.
+
+        A replica that must wait switches back to ``scheduler``, which resumes
+        ``next_to_run()`` (see ``syncbn.parallel.replica_greenlets``).
+        """
+        self._scheduler = scheduler
+
+    def next_to_run(self) -> int | None:
+        """The rank to resume next: the turn's, or after an abort each unfinished rank in order; None when all ended.
+
+        Example:
+            >>> group = ReplicaGroup(2)
+            >>> group.next_to_run()
+            0
+            >>> group.finish(0); group.next_to_run()
+            1
+            >>> group.finish(1); group.next_to_run() is None
+            True
+        """
+        with self._lock:
+            if self._abort is not None:
+                return next((r for r in range(self.world_size) if r not in self._finished), None)
+            return None if self._turn in self._finished else self._turn
+
+    def check_turn_time(self, rank: int, seconds: float) -> None:
+        """Abort when ``rank`` held the turn for more than ``timeout`` seconds.
+
+        For greenlets, whose peers cannot time out while one runs: what a waiting thread
+        reports after ``timeout`` seconds, the scheduler reports when the turn comes back.
+        """
+        if seconds <= self.timeout:
+            return
+        with self._lock:
+            if self._abort is None:
+                reason = f"replica {rank} did not reach its next SyncBN call within {self.timeout:g} s"
+                self._set_abort(_Abort(reason))
+
+    def _park(self, rank: int, timeout: float) -> None:
+        """Wait (lock held) until woken: on a condition as a thread, by switching away as a greenlet."""
+        if self._scheduler is None:
+            self._wakeups[rank].wait(timeout)
+            return
+        self._lock.release()
+        try:
+            self._scheduler.switch()
+        finally:
+            self._lock.acquire()
+
     def _wait(self, rank: int, key: tuple[str, int], slot: _Slot) -> Any:
         self._waiting[rank] = key
         try:
@@ -181,7 +231,7 @@ class ReplicaGroup:
                     missing = sorted(set(range(self.world_size)) - set(slot.values))
                     self._set_abort(_Abort(f"replica(s) {missing} did not arrive within {self.timeout:g} s"))
                     break
-                self._wakeups[rank].wait(remaining)
+                self._park(rank, remaining)
             if slot.result is not _PENDING:
                 self._wait_for_turn(rank, f"replica {self._turn} did not reach its next SyncBN call")
             if slot.result is not _PENDING and self._abort is None:
@@ -197,7 +247,7 @@ class ReplicaGroup:
             if remaining <= 0:
                 self._set_abort(_Abort(f"{reason} within {self.timeout:g} s"))
                 return
-            self._wakeups[rank].wait(remaining)
+            self._park(rank, remaining)
 
     def _pass_turn(self, rank: int) -> None:
         """Hand the turn from ``rank`` to the next replica that can run, in rank order."""
@@ -256,85 +306,6 @@ class ReplicaGroup:
         return SyncBNTimeoutError(message)
 
 
-class CallerWork:
-    """Work that replica threads hand to the thread that started them, which runs it and waits.
-
-    Why: a replica thread is a poor place for whole-batch work on the CPU. Its allocations
-    come from a fresh malloc arena that hands big blocks back to the system when freed,
-    so every step page-faults its buffers in again (as much time as the work itself), and
-    its OpenMP team is cold or, for a new thread, not yet made (~0.4 ms). The caller's
-    thread has both warm: it is where ``nn.BatchNorm`` itself runs. The replica that hands
-    work over keeps its turn, so still only one thread runs at a time.
-
-    Unless ``open`` was called (by ``parallel_apply``, before it starts the replica
-    threads), ``run`` runs the work on the calling thread itself.
-
-    Example:
-        >>> CallerWork(replicas=2).run(lambda: 1 + 1)
-        2
-    """
-
-    def __init__(self, replicas: int) -> None:
-        self._replicas = replicas
-        self._changed = threading.Condition(threading.Lock())
-        self._serving = False
-        self._ended = 0
-        self._work: list[_Work] = []
-
-    def run(self, function: Callable[[], Any]) -> Any:
-        """Run ``function`` on the serving thread (or here, if none serves); return its result."""
-        with self._changed:
-            if not self._serving:
-                work = None
-            else:
-                work = _Work(function)
-                self._work.append(work)
-                self._changed.notify_all()
-                while not work.done:
-                    self._changed.wait()
-        if work is None:
-            return function()
-        if work.error is not None:
-            raise work.error
-        return work.result
-
-    def open(self) -> None:
-        """From now on ``run`` hands work to ``serve``, which must follow on this thread."""
-        with self._changed:
-            self._serving = True
-
-    def serve(self) -> None:
-        """On the caller's thread: run handed-over work until every replica called ``thread_ended``."""
-        try:
-            while True:
-                with self._changed:
-                    while not self._work and self._ended < self._replicas:
-                        self._changed.wait()
-                    if not self._work:
-                        return
-                    work = self._work.pop(0)
-                try:
-                    work.result = work.function()
-                except BaseException as error:  # noqa: BLE001 - raised again on the replica's thread
-                    work.error = error
-                with self._changed:
-                    work.done = True
-                    self._changed.notify_all()
-        finally:
-            with self._changed:
-                self._serving = False
-                for work in self._work:  # only when serve itself was interrupted
-                    work.error, work.done = RuntimeError("the thread serving SyncBN replicas stopped"), True
-                self._work.clear()
-                self._changed.notify_all()
-
-    def thread_ended(self) -> None:
-        """Count a replica thread as ended (its last act), waking ``serve``."""
-        with self._changed:
-            self._ended += 1
-            self._changed.notify_all()
-
-
 @dataclass(frozen=True)
 class ThreadModes:
     """A thread's grad mode and autocast state (thread-local in torch), to enter on another thread.
@@ -356,20 +327,28 @@ class ThreadModes:
         autocast = {kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in device_types}
         return cls(torch.is_grad_enabled(), autocast)
 
+    def apply(self) -> None:
+        """Make these this thread's modes, for good (greenlets of one thread share its modes).
+
+        Example:
+            >>> saved = ThreadModes.capture(["cpu"])
+            >>> ThreadModes(False, {"cpu": (False, torch.bfloat16)}).apply()
+            >>> torch.is_grad_enabled()
+            False
+            >>> saved.apply(); torch.is_grad_enabled()
+            True
+        """
+        torch.set_grad_enabled(self.grad_enabled)
+        for kind, (enabled, dtype) in self.autocast.items():
+            torch.set_autocast_enabled(kind, enabled)
+            torch.set_autocast_dtype(kind, dtype)
+
     @contextlib.contextmanager
     def entered(self, device_type: str) -> Iterator[None]:
         """Run the block in these modes, with ``device_type``'s autocast state."""
         enabled, dtype = self.autocast[device_type]
         with torch.set_grad_enabled(self.grad_enabled), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             yield
-
-
-@dataclass
-class _Work:
-    function: Callable[[], Any]
-    result: Any = None
-    error: BaseException | None = None
-    done: bool = False
 
 
 @dataclass(frozen=True)

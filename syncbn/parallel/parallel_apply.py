@@ -1,33 +1,27 @@
-"""Run R replicas of one forward in threads, tied together by a ``ReplicaGroup``.
+"""Run R replicas of one forward, tied together by a ``ReplicaGroup``.
 
-Each thread inherits the caller's grad mode and autocast state (both are
-thread-local in torch) and, on CUDA, selects its replica's device. When a replica
-raises, the group is told at once so that peers waiting at a SyncBN rendezvous stop
-waiting; the error re-raised to the caller is the root cause, never a peer's
-"somebody else failed", and it carries a note of what every replica did.
+Replicas that share a device (virtual CPU replicas, or several on one GPU) run as
+greenlets on the caller's thread (``syncbn.parallel.replica_greenlets``); replicas on
+different devices run in pooled OS threads (``syncbn.parallel.replica_threads``), each
+with the caller's grad mode and autocast state (both are thread-local in torch) and its
+device selected. When a replica raises, the group is told at once so that peers waiting
+at a SyncBN rendezvous stop waiting; the error re-raised to the caller is the root
+cause, never a peer's "somebody else failed", and it carries a note of what every
+replica did.
 
-Thread policy for virtual CPU replicas (R replicas on few cores, never oversubscribed):
-
-- replicas take turns (see ``syncbn.comm.threads``): one replica thread runs at a time;
-- each replica thread runs its ops on one intra-op thread: an OpenMP team woken from a
-  thread that has just taken its turn costs ~50 µs (~0.4 ms to create), more than most
-  per-shard ops take;
-- the replica threads share one core (Linux): handing the turn on is then a wake-up on
-  the same core, ~10 µs, instead of one across cores, which on a virtual machine costs
-  ~20 µs and slows the ops after it as much again;
-- whole-batch work (a SyncBN layer normalizing every replica's shard at once) is handed
-  to the caller's thread, which waits for the replicas anyway: it runs there on every
-  intra-op thread, with warm buffers (``syncbn.comm.threads.CallerWork``).
+Thread policy (R replicas on few cores, never oversubscribed): replicas take turns, one
+running at a time (see ``syncbn.comm.threads``). Replicas sharing the CPU all run on the
+caller's thread, so their ops use the caller's intra-op threads
+(``torch.get_num_threads()``), exactly as ``nn.BatchNorm`` on the whole batch would,
+and no other thread exists to compete for the cores.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import os
-import threading
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -35,9 +29,11 @@ from torch import nn
 
 from syncbn.comm.threads import ReplicaGroup, ThreadModes
 from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
+from syncbn.parallel.replica_greenlets import run_in_turns
 from syncbn.parallel.replica_threads import POOL
 
-_current = threading.local()
+# Per thread and per greenlet: each replica sees its own rank.
+_current_rank: ContextVar[int | None] = ContextVar("syncbn_current_replica", default=None)
 
 
 def current_replica() -> int | None:
@@ -50,7 +46,7 @@ def current_replica() -> int | None:
         >>> current_replica() is None
         True
     """
-    return getattr(_current, "rank", None)
+    return _current_rank.get()
 
 
 def parallel_apply(
@@ -60,7 +56,7 @@ def parallel_apply(
     devices: Sequence[torch.device],
     group: ReplicaGroup,
 ) -> list[Any]:
-    """Call ``replicas[i](*args[i], **kwargs[i])`` for every i, each in its own thread.
+    """Call ``replicas[i](*args[i], **kwargs[i])`` for every i, each as its own thread or greenlet.
 
     Returns:
         The outputs in replica order.
@@ -80,22 +76,18 @@ def parallel_apply(
     """
     results: list[Any] = [None] * len(replicas)
     errors: list[BaseException | None] = [None] * len(replicas)
-    modes = ThreadModes.capture({d.type for d in devices})
-    cpu = all(device.type == "cpu" for device in devices)
-    caller_threads = torch.get_num_threads()
-    # Replica threads are pooled: each forward sets their policy afresh (see the module doc).
-    replica_threads, cores = (1, _replica_cores()) if cpu else (caller_threads, _all_cores())
+    shared_device = len(set(devices)) == 1
+    modes = ThreadModes.capture({device.type for device in devices})
 
     def work(rank: int) -> None:
         device = devices[rank]
-        _current.rank = rank
-        torch.set_num_threads(replica_threads)  # this thread's own setting
-        _pin_to(cores)
+        token = _current_rank.set(rank)
         try:
             group.begin(rank)
+            # A greenlet runs in the caller's modes and device already (replica_greenlets).
             with (
-                modes.entered(device.type),
-                torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(),
+                contextlib.nullcontext() if shared_device else modes.entered(device.type),
+                torch.cuda.device(device) if device.type == "cuda" and not shared_device else contextlib.nullcontext(),
             ):
                 results[rank] = replicas[rank](*args[rank], **kwargs[rank])
         except BaseException as error:  # noqa: BLE001 - handed to the caller below
@@ -104,57 +96,18 @@ def parallel_apply(
         else:
             group.finish(rank)
         finally:
-            _current.rank = None
-            group.caller.thread_ended()
+            _current_rank.reset(token)
 
-    # Replica threads set their own count; with OpenMP, a thread that never set its
-    # count reads a shared one, so the caller sets its own first (and restores it).
-    torch.set_num_threads(caller_threads)
-    group.caller.open()
-    try:
-        POOL.run([functools.partial(work, rank) for rank in range(len(replicas))], wait=group.caller.serve)
-    finally:
-        torch.set_num_threads(caller_threads)
+    functions = [functools.partial(work, rank) for rank in range(len(replicas))]
+    if shared_device:
+        device = devices[0]
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            run_in_turns(functions, group, [device.type])
+    else:
+        POOL.run(functions)
     if any(error is not None for error in errors):
         raise _root_cause(errors)
     return results
-
-
-def _all_cores() -> set[int] | None:
-    """The cores the caller may run on (Linux), or None where threads cannot be pinned."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    return os.sched_getaffinity(0)
-
-
-def _replica_cores() -> set[int] | None:
-    """One core for every replica thread: the one the caller's thread runs on (Linux)."""
-    cores = _all_cores()
-    core = _current_core()
-    return {core} if cores is not None and core in cores else cores
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
-
-
-def _current_core() -> int | None:
-    libc = _libc()
-    if libc is None or not hasattr(libc, "sched_getcpu"):
-        return None
-    core = libc.sched_getcpu()
-    return core if core >= 0 else None
-
-
-def _pin_to(cores: set[int] | None) -> None:
-    if cores is None:
-        return
-    with contextlib.suppress(OSError):  # a container may forbid it: then threads just float
-        os.sched_setaffinity(0, cores)
 
 
 def _root_cause(errors: list[BaseException | None]) -> BaseException:

@@ -1,0 +1,137 @@
+"""Replicas sharing a device: greenlets on the caller's thread, each with its own modes and rank."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import greenlet
+import pytest
+import torch
+from torch import nn
+
+import syncbn
+from syncbn.comm.threads import ReplicaGroup
+from syncbn.parallel.parallel_apply import current_replica
+from syncbn.parallel.replica_greenlets import run_in_turns
+
+
+class RecordAroundBatchNorm(nn.Module):
+    """BatchNorm between two records of (rank, thread, intra-op threads, grad mode, autocast).
+
+    Replica 0 calls its BatchNorm inside ``context``, so it waits there, inside it, while
+    the other replicas run up to the same call.
+    """
+
+    def __init__(self, context=contextlib.nullcontext) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.context = context
+        self.seen: list[tuple] = []
+
+    def record(self, where: str) -> None:
+        state = (torch.get_num_threads(), torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))
+        self.seen.append((where, current_replica(), threading.current_thread(), *state))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.record("before")
+        with self.context() if current_replica() == 0 else contextlib.nullcontext():
+            y = self.bn(x)
+            self.record("inside")
+        self.record("after")
+        return y.float()
+
+
+def run_replicas(context=contextlib.nullcontext, replicas: int = 3) -> tuple[RecordAroundBatchNorm, torch.Tensor]:
+    recorder = RecordAroundBatchNorm(context)
+    model = syncbn.DataParallel(syncbn.convert_model(recorder), replicas=replicas)
+    return model.module, model(torch.randn(2 * replicas, 3))
+
+
+def test_replicas_run_in_turns_on_the_callers_thread_with_its_intra_op_threads():
+    caller = (threading.current_thread(), torch.get_num_threads(), torch.is_grad_enabled())
+    recorder, _ = run_replicas()
+    # Each replica runs until its BatchNorm call; the last to arrive normalizes and runs
+    # on to the end, then the others in turn.
+    order = [(where, rank) for where, rank, *_ in recorder.seen]
+    assert order == [("before", 0), ("before", 1), ("before", 2)] + [
+        (where, rank) for rank in (2, 0, 1) for where in ("inside", "after")
+    ]
+    assert {(thread, threads, grad) for _, _, thread, threads, grad, _ in recorder.seen} == {caller}
+    assert current_replica() is None and torch.get_num_threads() == caller[1]
+
+
+def test_a_replica_waiting_inside_no_grad_keeps_it_to_itself():
+    recorder, out = run_replicas(torch.no_grad)
+    grad_mode = {(where, rank): grad for where, rank, _, _, grad, _ in recorder.seen}
+    assert grad_mode[("inside", 0)] is False and grad_mode[("after", 0)] is True
+    assert all(grad for (where, rank), grad in grad_mode.items() if rank != 0)
+    assert torch.is_grad_enabled() and out.requires_grad
+
+
+def test_a_replica_waiting_inside_autocast_keeps_it_to_itself():
+    def bfloat16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    recorder, _ = run_replicas(bfloat16)
+    autocast = {(where, rank): enabled for where, rank, *_, enabled in recorder.seen}
+    assert autocast[("inside", 0)] is True and autocast[("after", 0)] is False
+    assert not any(enabled for (where, rank), enabled in autocast.items() if rank != 0)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_callers_modes_come_back_even_when_a_replica_raises():
+    class RaiseInsideNoGrad(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch.set_grad_enabled(False)  # left off: the raise skips any restore
+            raise ValueError(f"replica {current_replica()} broke")
+
+    with pytest.raises(ValueError, match="replica 0 broke"):
+        syncbn.DataParallel(RaiseInsideNoGrad(), replicas=2)(torch.randn(4, 3))
+    assert torch.is_grad_enabled()
+
+
+def test_nested_data_parallel_replicas_see_their_own_ranks():
+    class Inner(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((x.size(0), 1), float(current_replica()))
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = syncbn.DataParallel(Inner(), replicas=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rank = current_replica()
+            inner = self.inner(x)
+            assert current_replica() == rank  # the inner forward gave this replica its rank back
+            return torch.cat([inner, torch.full_like(inner, float(rank))], dim=1)
+
+    out = syncbn.DataParallel(Outer(), replicas=2)(torch.zeros(8, 1))
+    # Column 0: the inner replica's rank; column 1: the outer one's.
+    assert out.tolist() == [[inner, outer] for outer in (0.0, 1.0) for inner in (0.0, 0.0, 1.0, 1.0)]
+
+
+def test_a_replica_that_waits_holding_its_turn_gets_an_error_not_a_loop():
+    group = ReplicaGroup(2, timeout=5.0)
+    errors = {}
+
+    def replica(rank: int) -> None:
+        try:
+            group.begin(rank)
+            if rank == 0:
+                greenlet.getcurrent().parent.switch()  # waits without handing the turn on
+            group.finish(rank)
+        except BaseException as error:  # noqa: BLE001 - what a replica does
+            errors[rank] = error
+            group.fail(rank, error)
+
+    run_in_turns([lambda: replica(0), lambda: replica(1)], group, ["cpu"])
+    assert "waited while holding its turn" in str(errors[0])
+    assert isinstance(errors[1], syncbn.SyncBNPeerError)
+
+
+def test_a_replica_that_ends_without_reporting_is_an_error_not_a_loop():
+    group = ReplicaGroup(2, timeout=5.0)
+    with pytest.raises(RuntimeError, match="replica 0 ended without reporting"):
+        run_in_turns([lambda: None, lambda: None], group, ["cpu"])
