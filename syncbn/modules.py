@@ -82,6 +82,7 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         replica = replica_context(self)
+        synchronized_peers = replica is not None and replica.world_size > 1
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             # Replica 0's buffers are the master's; the other replicas' are discarded (or
@@ -104,7 +105,8 @@ class SyncBatchNorm(_BatchNorm):
             exponential_average_factor,
             self.eps,
             replica=replica,
-            process_group=active_process_group(self.process_group) if bn_training else None,
+            # Replicas of syncbn.DataParallel synchronize with their peers, not a process group.
+            process_group=active_process_group(self.process_group) if bn_training and not synchronized_peers else None,
         )
 
 

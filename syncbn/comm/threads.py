@@ -99,10 +99,11 @@ class ReplicaGroup:
         self.world_size = world_size
         self.timeout = float(timeout)
         self.shared_device = shared_device
-        # One condition per rank, all on one lock: handing the turn on wakes exactly the
-        # replica that gets it (notify_all would wake R-1 threads to go back to sleep).
+        # One condition per waiting rank, all on one lock: handing the turn on wakes exactly
+        # the replica that gets it (notify_all would wake R-1 threads to go back to sleep).
+        # Made when a thread first waits: greenlets never need one.
         self._lock = threading.Lock()
-        self._wakeups = [threading.Condition(self._lock) for _ in range(world_size)]
+        self._wakeups: dict[int, threading.Condition] = {}
         self._slots: dict[tuple[str, int], _Slot] = {}
         self._calls: Counter[tuple[int, str]] = Counter()
         self._waiting: dict[int, tuple[str, int]] = {}
@@ -211,7 +212,10 @@ class ReplicaGroup:
     def _park(self, rank: int, timeout: float) -> None:
         """Wait (lock held) until woken: on a condition as a thread, by switching away as a greenlet."""
         if self._scheduler is None:
-            self._wakeups[rank].wait(timeout)
+            wakeup = self._wakeups.get(rank)
+            if wakeup is None:
+                wakeup = self._wakeups[rank] = threading.Condition(self._lock)
+            wakeup.wait(timeout)
             return
         self._lock.release()
         try:
@@ -259,7 +263,8 @@ class ReplicaGroup:
             blocked = waiting_at is not None and len(self._slots[waiting_at].values) < self.world_size
             if other not in self._finished and not blocked:
                 self._turn = other
-                self._wakeups[other].notify()
+                if (wakeup := self._wakeups.get(other)) is not None:  # None: it never waited
+                    wakeup.notify()
                 return
 
     def _check_progress(self) -> None:
@@ -291,7 +296,7 @@ class ReplicaGroup:
 
     def _set_abort(self, abort: _Abort) -> None:
         self._abort = abort
-        for wakeup in self._wakeups:
+        for wakeup in self._wakeups.values():
             wakeup.notify_all()
 
     def _error(self, key: tuple[str, int], slot: _Slot) -> SyncBNTimeoutError:

@@ -16,7 +16,7 @@ from torch import nn
 
 from syncbn.comm.threads import ReplicaContext, ReplicaGroup, bind_replica
 from syncbn.parallel.parallel_apply import parallel_apply
-from syncbn.parallel.replicate import replicate
+from syncbn.parallel.replicate import check_on_device, replicate
 from syncbn.parallel.scatter_gather import gather, scatter_arguments
 
 
@@ -113,17 +113,11 @@ class DataParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         devices = self.replica_devices
-        source = devices[0]
-        for tensor in (*self.module.parameters(), *self.module.buffers()):
-            if tensor.device != source:
-                raise RuntimeError(
-                    f"module must have its parameters and buffers on device {source} "
-                    f"(the first replica's) but found one on {tensor.device}; call module.to({str(source)!r})"
-                )
         if len(devices) == 1:
+            check_on_device(self.module, devices[0])
             return self.module(*args, **kwargs)
         shard_args, shard_kwargs = scatter_arguments(args, kwargs, devices, self.dim)
-        replicas = replicate(self.module, devices)
+        replicas = replicate(self.module, devices)  # checks the module is on devices[0]
         outputs = run_synchronized(self.module, replicas, shard_args, shard_kwargs, devices, self.timeout)
         return gather(outputs, self.output_device, self.dim)
 

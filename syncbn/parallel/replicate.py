@@ -27,6 +27,9 @@ M = TypeVar("M", bound=nn.Module)
 def replicate(module: M, devices: Sequence[torch.device]) -> list[M]:
     """One shallow copy of ``module`` per entry of ``devices`` (replica 0 first).
 
+    Raises:
+        RuntimeError: a parameter or buffer of ``module`` is not on ``devices[0]``.
+
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
         >>> a, b = replicate(net, [torch.device("cpu")] * 2)
@@ -41,6 +44,8 @@ def replicate(module: M, devices: Sequence[torch.device]) -> list[M]:
         True
     """
     modules = list(module.modules())
+    for master in modules:  # here rather than in a walk of its own: every forward pays it
+        _check_tensors_on(master, devices[0])
     index = {m: i for i, m in enumerate(modules)}
     replicas: list[list[nn.Module]] = [[_shallow_copy(m) for m in modules] for _ in devices]
     copies: dict[tuple[int, torch.device], Tensor] = {}
@@ -88,3 +93,22 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     state.update(_parameters={}, _buffers=module._buffers.copy(), _modules=module._modules.copy(), _is_replica=True)
     replica.__dict__ = state
     return replica
+
+
+def check_on_device(module: nn.Module, device: torch.device) -> None:
+    """Raise a clear error unless every parameter and buffer of ``module`` is on ``device``.
+
+    Example:
+        >>> check_on_device(nn.Linear(2, 2), torch.device("cpu"))
+    """
+    for m in module.modules():
+        _check_tensors_on(m, device)
+
+
+def _check_tensors_on(module: nn.Module, device: torch.device) -> None:
+    for tensor in (*module._parameters.values(), *module._buffers.values()):
+        if tensor is not None and tensor.device != device:
+            raise RuntimeError(
+                f"module must have its parameters and buffers on device {device} "
+                f"(the first replica's) but found one on {tensor.device}; call module.to({str(device)!r})"
+            )

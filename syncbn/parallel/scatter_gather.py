@@ -31,6 +31,8 @@ def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any
         # torch.split with explicit sizes, not tensor_split: its backward is one
         # concatenation, where tensor_split's fills a full-size zero tensor per shard.
         shards = torch.split(obj, shard_sizes(obj.size(dim), len(devices)), dim)
+        if all(device == obj.device for device in devices):  # virtual replicas: views as they are
+            return list(shards)
         return [shard.to(device) for shard, device in zip(shards, devices, strict=True)]
     if isinstance(obj, (tuple, list)) and obj:
         per_replica = zip(*(scatter(x, devices, dim) for x in obj), strict=True)
