@@ -12,6 +12,7 @@ from torch import nn
 
 import syncbn
 from syncbn.comm.threads import ReplicaGroup, ThreadModes
+from syncbn.parallel import data_parallel
 
 
 def run_ranks(group: ReplicaGroup, body) -> dict[int, object]:
@@ -173,7 +174,16 @@ class Misbehaving(nn.Module):
         ("stall", syncbn.SyncBNTimeoutError, "replica 3 did not reach its next SyncBN call within 1 s"),
     ],
 )
-def test_misbehaving_replica_fails_every_replica_then_next_forward_works(mode, root_error, text):
+@pytest.mark.parametrize("replicas_run_as", ["greenlets", "threads"])
+def test_misbehaving_replica_fails_every_replica_then_next_forward_works(
+    mode, root_error, text, replicas_run_as, monkeypatch
+):
+    if replicas_run_as == "threads":  # as replicas on separate devices do
+        monkeypatch.setattr(
+            data_parallel,
+            "ReplicaGroup",
+            lambda world_size, timeout, shared_device: ReplicaGroup(world_size, timeout, shared_device=False),
+        )
     torch.manual_seed(0)
     model = Misbehaving(mode).double()
     reference = copy.deepcopy(model)

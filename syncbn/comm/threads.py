@@ -75,7 +75,8 @@ class ReplicaGroup:
         world_size: number of replicas.
         timeout: seconds a replica waits for its peers at one call before giving up.
         shared_device: every replica runs on one device, so SyncBN may normalize their
-            shards at once (``DataParallel`` sets it for virtual CPU replicas).
+            shards at once and ``parallel_apply`` runs them as greenlets of the caller's
+            thread (``DataParallel`` sets it for virtual CPU replicas).
 
     Example:
         >>> import threading

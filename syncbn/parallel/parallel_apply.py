@@ -76,7 +76,9 @@ def parallel_apply(
     """
     results: list[Any] = [None] * len(replicas)
     errors: list[BaseException | None] = [None] * len(replicas)
-    shared_device = len(set(devices)) == 1
+    # The group says whether its replicas share a device (DataParallel sets it so); a group
+    # that does not (tests use one on the CPU) gets the threads that separate devices need.
+    shared_device = group.shared_device and len(set(devices)) == 1
     modes = ThreadModes.capture({device.type for device in devices})
 
     def work(rank: int) -> None:
