@@ -14,8 +14,8 @@ where the target is one:
   R replicas, reported).
 
 Reported next to the R = 4 ratios: the floor, ``syncbn.DataParallel(nn.Identity())`` on
-the same batch (scatter, replica threads, gather and their backward with no layer at
-all), as a ratio to the same ``nn.BatchNorm`` time: what any layer pays on R threads.
+the same batch (scatter, replicas taking turns, gather and their backward with no layer at
+all), as a ratio to the same ``nn.BatchNorm`` time: what any layer pays on R replicas.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def run_perf_suite(
         if progress is not None:
             progress(done, steps, label)
 
-    # One-replica runs measure no threaded case: R replica threads disturb the ops that
-    # follow them (thread wake-ups, the intra-op pool), which one replica never pays.
+    # One-replica runs measure no R-replica case: R replicas' Python and ops flush the
+    # caches the ops after them would find warm, which one replica never pays.
     for done, channels_last in enumerate((False, True)):
         layout = "channels_last" if channels_last else "NCHW"
         step(done, f"BatchNorm2d, {layout}")
