@@ -91,7 +91,7 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     state = module.__dict__.copy()
     # Parameters are filled in by replicate; buffers and children are copied dicts.
     state.update(_parameters={}, _buffers=module._buffers.copy(), _modules=module._modules.copy(), _is_replica=True)
-    replica.__dict__ = state
+    object.__setattr__(replica, "__dict__", state)  # nn.Module.__setattr__ would type-check it
     return replica
 
 
