@@ -389,7 +389,8 @@ def _cases(
                 param.data = param.data.contiguous(memory_format=_channels_last_format(param.dim()))
 
     def parallel(m: nn.Module) -> nn.Module:
-        return DataParallel(m, device_ids=devices, replicas=replicas)
+        # One replica is the module itself: DataParallel would only add its own call.
+        return DataParallel(m, device_ids=devices, replicas=replicas) if replicas > 1 else m
 
     cases = [_Case(REFERENCE, 1, copy.deepcopy(module))]
     if replicas > 1:
