@@ -24,7 +24,9 @@ the result, is the same on every run.
 A rendezvous that cannot complete never hangs: waiting replicas raise
 ``SyncBNTimeoutError`` after ``timeout`` seconds, at once when a peer finished its
 forward without making the call or when every live replica waits at a different call,
-and ``SyncBNPeerError`` as soon as a peer raised.
+and ``SyncBNPeerError`` as soon as a peer raised. Greenlets cannot time out while a peer
+runs; the scheduler fails the group when a replica held the turn longer than ``timeout``
+(``check_turn_time``), as soon as it yields.
 """
 
 from __future__ import annotations
