@@ -242,3 +242,20 @@ def test_thread_modes_are_entered_elsewhere_and_applied_for_good():
     finally:
         ThreadModes(True, {"cpu": (False, torch.bfloat16)}).apply()
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_recomputation_in_backward_says_what_to_do():
+    # torch.utils.checkpoint reruns the segment in backward, after every replica ended.
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(lambda t: self.bn(self.conv(t)), x, use_reentrant=False)
+
+    dp = syncbn.DataParallel(syncbn.convert_model(Checkpointed()), replicas=2)
+    out = dp(torch.randn(4, 3, 8, 8))
+    with pytest.raises(syncbn.SyncBNError, match="called after its DataParallel forward ended.*checkpoint"):
+        out.sum().backward()

@@ -43,7 +43,7 @@ import greenlet
 import torch
 from torch import Tensor, nn
 
-from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
+from syncbn.errors import SyncBNError, SyncBNPeerError, SyncBNTimeoutError
 from syncbn.stats import BatchStatistics, merge_statistics
 
 _PENDING = object()
@@ -139,6 +139,13 @@ class ReplicaGroup:
             SyncBNPeerError: a peer raised.
         """
         with self._lock:
+            if len(self._finished) == self.world_size:
+                raise SyncBNError(
+                    f"SyncBN layer '{layer}' was called after its DataParallel forward ended, as when "
+                    "torch.utils.checkpoint recomputes it during backward: replicas in one process cannot "
+                    "meet again there; keep SyncBN layers outside checkpointed segments, or run one replica "
+                    "per process (torchrun), where the recomputation reduces again"
+                )
             call = self._calls[(rank, layer)]
             self._calls[(rank, layer)] += 1
             key = (layer, call)
