@@ -98,6 +98,25 @@ def called_twice() -> tuple[nn.Module, torch.Tensor]:
     return CalledTwice().double(), torch.randn(8, 3, 4, 4, dtype=torch.float64)
 
 
+class Checkpointed(nn.Module):
+    """conv -> BN inside torch.utils.checkpoint: backward recomputes the BN, which reduces again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(lambda t: self.bn(self.conv(t)).relu(), x, use_reentrant=False)
+
+
+@case
+def checkpointed() -> tuple[nn.Module, torch.Tensor]:
+    # The one-process reference checkpoints too: its running statistics are updated twice, as here.
+    seeded()
+    return Checkpointed().double(), torch.randn(8, 3, 6, 6, dtype=torch.float64)
+
+
 @case
 def offset_float32() -> tuple[nn.Module, torch.Tensor]:
     seeded()

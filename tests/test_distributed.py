@@ -81,7 +81,17 @@ def reference_run(name: str, world: int, steps: int = 1) -> dict[str, object]:
     }
 
 
-SINGLE_STEP = ["bn1d_2d", "bn1d_3d", "bn2d", "bn3d", "uneven", "variants", "called_twice", "channels_last"]
+SINGLE_STEP = [
+    "bn1d_2d",
+    "bn1d_3d",
+    "bn2d",
+    "bn3d",
+    "uneven",
+    "variants",
+    "called_twice",
+    "channels_last",
+    "checkpointed",
+]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
