@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import greenlet
 import torch
@@ -321,8 +321,7 @@ class ReplicaGroup:
         return SyncBNTimeoutError(message)
 
 
-@dataclass(frozen=True)
-class ThreadModes:
+class ThreadModes(NamedTuple):
     """A thread's grad mode and autocast state (thread-local in torch), to enter on another thread.
 
     Example:
