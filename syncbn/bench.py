@@ -506,10 +506,13 @@ def time_step(module: nn.Module, x: Tensor, cotangent: Tensor, device: torch.dev
 
 def _start_torch(device: torch.device) -> None:
     """One tiny BatchNorm step: the first of a process pays one-off start-up costs (autograd,
-    thread pools: 0.1-0.4 s on a CPU) that would otherwise land on a measured step when
-    ``warmup`` is 0."""
+    thread pools, lazy imports: 0.1-0.4 s on a CPU) that would otherwise land on a measured
+    step when ``warmup`` is 0."""
     x = torch.randn(4, 2, device=device, requires_grad=True)
-    torch.nn.functional.batch_norm(x, None, None, training=True).sum().backward()
+    out = torch.nn.functional.batch_norm(x, None, None, training=True)
+    # With an explicit gradient, as every timed step passes one: the first such backward
+    # imports torch.fx's symbolic shapes (and sympy), ~0.35 s.
+    out.backward(torch.ones_like(out))
 
 
 def _cotangent_for(module: nn.Module, x: Tensor, generator: torch.Generator) -> Tensor:
