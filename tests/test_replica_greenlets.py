@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import time
 
 import greenlet
 import pytest
@@ -135,3 +137,62 @@ def test_a_replica_that_ends_without_reporting_is_an_error_not_a_loop():
     group = ReplicaGroup(2, timeout=5.0)
     with pytest.raises(RuntimeError, match="replica 0 ended without reporting"):
         run_in_turns([lambda: None, lambda: None], group, ["cpu"])
+
+
+class RecordGreenlet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, greenlet.greenlet] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen[current_replica()] = greenlet.getcurrent()
+        return x
+
+
+def test_forwards_reuse_parked_greenlets_and_recover_from_a_failed_one():
+    recorder = RecordGreenlet()
+    model = syncbn.DataParallel(recorder, replicas=3)
+    model(torch.randn(6, 2))
+    first = set(recorder.seen.values())
+    model(torch.randn(6, 2))
+    assert set(recorder.seen.values()) == first and len(first) == 3
+    assert greenlet.getcurrent() not in first
+
+    class FailOnce(nn.Module):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            FailOnce.calls += 1
+            if FailOnce.calls == 2:
+                raise ValueError("replica 1 fails once")
+            return x * 2
+
+    failing = syncbn.DataParallel(FailOnce(), replicas=3)
+    with pytest.raises(ValueError, match="fails once"):
+        failing(torch.ones(3, 1))
+    assert failing(torch.ones(3, 1)).tolist() == [[2.0], [2.0], [2.0]]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_replicas_too():
+    model = syncbn.DataParallel(syncbn.convert_model(nn.BatchNorm1d(2)), replicas=2)
+    x = torch.randn(4, 2)
+    expected = nn.BatchNorm1d(2)(x)
+    model(x)  # the parent's thread now has parked greenlets
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a copy of the parent's parked greenlets
+        try:
+            torch.set_num_threads(1)  # torch's OpenMP pool does not survive a fork
+            out = model(x)
+            os.write(write, b"ok" if torch.allclose(out, expected) else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 60  # a hung child is a failure, not a hung test run
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ended[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert os.read(read, 10) == b"ok" and ended[1] == 0

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Any
 
+import greenlet
 import torch
 from torch import nn
 
@@ -92,6 +93,8 @@ def parallel_apply(
                 torch.cuda.device(device) if device.type == "cuda" and not shared_device else contextlib.nullcontext(),
             ):
                 results[rank] = replicas[rank](*args[rank], **kwargs[rank])
+        except greenlet.GreenletExit:  # an abandoned greenlet being collected: just end
+            raise
         except BaseException as error:  # noqa: BLE001 - handed to the caller below
             errors[rank] = error
             group.fail(rank, error)
