@@ -6,6 +6,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 
 import greenlet
 import pytest
@@ -186,6 +187,8 @@ def test_a_forked_child_runs_replicas_too():
             torch.set_num_threads(1)  # torch's OpenMP pool does not survive a fork
             out = model(x)
             os.write(write, b"ok" if torch.allclose(out, expected) else b"bad")
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            os.write(write, repr(error).encode()[:500])
         finally:
             os._exit(0)
     os.close(write)
@@ -195,4 +198,14 @@ def test_a_forked_child_runs_replicas_too():
     if ended[0] == 0:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
-    assert os.read(read, 10) == b"ok" and ended[1] == 0
+    assert (os.read(read, 600), ended[1]) == (b"ok", 0)
+
+
+def test_parked_greenlets_keep_nothing_of_the_last_forward_alive():
+    model = syncbn.DataParallel(syncbn.convert_model(nn.BatchNorm1d(3)), replicas=3)
+    x = torch.randn(6, 3, requires_grad=True)
+    alive = weakref.ref(x)
+    out = model(x)
+    out.sum().backward()
+    del x, out
+    assert alive() is None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 import pytest
+import torch
 
 from syncbn.parallel.replica_threads import ReplicaThreads
 
@@ -66,3 +68,12 @@ def test_a_forked_child_starts_its_own_threads():
     os.close(write)
     _, status = os.waitpid(pid, 0)
     assert os.read(read, 10) == b"ok" and status == 0
+
+
+def test_parked_threads_keep_nothing_of_the_last_run_alive():
+    pool = ReplicaThreads()
+    batch = torch.randn(4, 3)
+    alive = weakref.ref(batch)
+    pool.run([lambda batch=batch: batch.sum()] * 2)
+    del batch
+    assert alive() is None

@@ -96,6 +96,7 @@ def _serve(function: Callable[[], None]) -> None:
     """A pooled greenlet's life: run a function, park, run the next one it is given."""
     while True:
         function()
+        del function  # parked, it must not keep the forward's inputs, outputs and replicas alive
         function = greenlet.getcurrent().parent.switch(_DONE)
 
 

@@ -46,6 +46,7 @@ class _ParkedThread:
             try:
                 function()  # never raises: replica work catches everything itself
             finally:
+                del function  # parked, it must not keep the forward's inputs and outputs alive
                 with self._ready:
                     self._done = True
                     self._ready.notify_all()
