@@ -129,5 +129,13 @@ def _root_cause(errors: list[BaseException | None]) -> BaseException:
     _, root = min(failed, key=lambda item: rank_of(item[1]))
     for other, error in enumerate(errors):
         outcome = "finished" if error is None else f"{type(error).__name__}: {error}"
-        root.add_note(f"replica {other}: {outcome}")
+        _add_note(root, f"replica {other}: {outcome}")
     return root
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``; Python 3.10 has no ``add_note``, only the ``__notes__`` convention."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
