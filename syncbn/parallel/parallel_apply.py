@@ -80,18 +80,19 @@ def parallel_apply(
     # The group says whether its replicas share a device (DataParallel sets it so); a group
     # that does not (tests use one on the CPU) gets the threads that separate devices need.
     shared_device = group.shared_device and len(set(devices)) == 1
-    modes = ThreadModes.capture({device.type for device in devices})
+    # A thread enters the caller's modes and its own device; a greenlet runs in both already.
+    modes = None if shared_device else ThreadModes.capture({device.type for device in devices})
 
     def work(rank: int) -> None:
         device = devices[rank]
         token = _current_rank.set(rank)
         try:
             group.begin(rank)
-            # A greenlet runs in the caller's modes and device already (replica_greenlets).
-            with (
-                contextlib.nullcontext() if shared_device else modes.entered(device.type),
-                torch.cuda.device(device) if device.type == "cuda" and not shared_device else contextlib.nullcontext(),
-            ):
+            with contextlib.ExitStack() as entered:
+                if modes is not None:
+                    entered.enter_context(modes.entered(device.type))
+                    if device.type == "cuda":
+                        entered.enter_context(torch.cuda.device(device))
                 results[rank] = replicas[rank](*args[rank], **kwargs[rank])
         except greenlet.GreenletExit:  # an abandoned greenlet being collected: just end
             raise

@@ -63,7 +63,6 @@ def run_in_turns(functions: list[Callable[[], None]], group: ReplicaGroup, devic
     scheduler = greenlet.getcurrent()
     group.run_as_greenlets(scheduler)
     replicas = _borrow(len(functions))
-    started = [False] * len(replicas)
     done = [False] * len(replicas)  # its function returned: the greenlet is parked again
     callers = ThreadModes.capture(device_types)
     modes = [callers] * len(replicas)  # each replica starts in the caller's modes
@@ -77,8 +76,8 @@ def run_in_turns(functions: list[Callable[[], None]], group: ReplicaGroup, devic
             replica = replicas[rank]
             replica.parent = scheduler  # where it switches back to (a parked one knew another)
             began = time.monotonic()
-            outcome = replica.switch() if started[rank] else replica.switch(functions[rank])
-            started[rank], done[rank] = True, outcome is _DONE
+            # A parked greenlet takes its function; one waiting in the group ignores it.
+            done[rank] = replica.switch(functions[rank]) is _DONE
             if (held := time.monotonic() - began) > group.timeout:
                 group.check_turn_time(rank, held)
             current = modes[rank] = ThreadModes.capture(device_types)
@@ -107,6 +106,6 @@ def _borrow(count: int) -> list[greenlet.greenlet]:
 
 
 def _give_back(replicas: list[greenlet.greenlet]) -> None:
-    # Only greenlets parked in _serve: one left inside a replica's forward (the scheduler
-    # was interrupted) is dropped, and greenlet ends it when it is collected.
-    _parked.__dict__.setdefault("idle", []).extend(replica for replica in replicas if not replica.dead)
+    # Only greenlets parked in _serve come back: one left inside a replica's forward (the
+    # scheduler was interrupted) is dropped, and greenlet ends it when it is collected.
+    _parked.__dict__.setdefault("idle", []).extend(replicas)
