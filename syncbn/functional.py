@@ -2,10 +2,8 @@
 
 Same arguments as ``torch.nn.functional.batch_norm`` plus where the replicas are: a
 ``replica`` context (the threads way) or a ``process_group`` (the processes way).
-With running statistics (eval mode) it *is* ``F.batch_norm``: bit-identical results.
-With batch statistics and no replicas it is ``F.batch_norm`` too, unless the compiled
-kernels are turned on (``SYNCBN_NATIVE=1``, see ``syncbn.kernels.native``): then
-float32/float64 NCHW CPU input takes them (the same math in fewer passes, float64 sums).
+With running statistics (eval mode), or with no replicas, it *is* ``F.batch_norm``:
+bit-identical results.
 
 The two ways differ in how gradients cross replicas. Threads share one autograd graph,
 so the threads way is built of differentiable ops and autograd does the rest: when the
@@ -26,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from syncbn import kernels
-from syncbn.comm.distributed import all_gather_statistics, all_reduce_sum
+from syncbn._functions import _SyncBatchNormFunction
 from syncbn.comm.threads import ReplicaContext, merge_replica_statistics
 from syncbn.parallel.scatter_gather import join
-from syncbn.stats import BatchStatistics
+from syncbn.stats import BatchStatistics, check_count, update_running_statistics
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
 # unsynchronized path must still reach torch's own kernel.
@@ -84,9 +82,6 @@ def sync_batch_norm(
         return _SyncBatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, momentum, eps, process_group
         )
-    if training and kernels.native.supports(input) and input.numel() > input.size(1):
-        # One replica: the same math in fewer passes (see _SyncBatchNormFunction).
-        return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps, None)
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -120,7 +115,7 @@ def _normalize_together(shards: list[_Shard]) -> list[Tensor]:
         return [_normalize_with(shard, merged, rank, len(shards)) for rank, shard in enumerate(shards)]
     first = shards[0]  # replica 0's buffers are the master's; the others' copies are discarded
     whole = join([shard.input for shard in shards])
-    _check_count(whole.numel() // whole.size(1), whole, f"all {len(shards)} replicas")
+    check_count(whole.numel() // whole.size(1), whole, f"all {len(shards)} replicas")
     output = torch_batch_norm(
         whole, first.running_mean, first.running_var, first.weight, first.bias, True, first.momentum, first.eps
     )
@@ -152,13 +147,13 @@ def _local_statistics(input: Tensor) -> BatchStatistics:
 def _normalize_with(shard: _Shard, stats: BatchStatistics, rank: int, replicas: int) -> Tensor:
     """Normalize replica ``rank``'s shard with the merged statistics of all of them."""
     input = shard.input
-    _check_count(stats.count, input, f"replica {rank} of {replicas}")
+    check_count(stats.count, input, f"replica {rank} of {replicas}")
     mean, m2 = stats.mean.to(input.device), stats.m2.to(input.device)
     invstd = torch.rsqrt(m2 / max(stats.count, 1) + shard.eps)
     # Only replica 0's buffers are the master's; the others' copies are discarded.
     if rank == 0 and shard.running_mean is not None and shard.running_var is not None and stats.count > 0:
         merged = BatchStatistics(stats.count, mean, m2)
-        _update_running_statistics(shard.running_mean, shard.running_var, merged, shard.momentum)
+        update_running_statistics(shard.running_mean, shard.running_var, merged, shard.momentum)
     return _NormalizeFunction.apply(input, mean, invstd, shard.weight, shard.bias)
 
 
@@ -175,7 +170,7 @@ class _LocalStatisticsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, input: Tensor) -> tuple[Tensor, Tensor]:
-        stats = kernels.for_input(input).batch_statistics(input)
+        stats = kernels.batch_statistics(input)
         ctx.save_for_backward(input, stats.mean)
         ctx.count = stats.count
         return stats.mean, stats.m2
@@ -187,7 +182,7 @@ class _LocalStatisticsFunction(torch.autograd.Function):
             return torch.zeros_like(input)
         grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
         grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
-        deviation_grad = kernels.for_input(input).affine_in_deviation(input, mean, 2 * grad_m2, grad_mean / ctx.count)
+        deviation_grad = kernels.affine_in_deviation(input, mean, 2 * grad_m2, grad_mean / ctx.count)
         return deviation_grad.to(input.dtype)
 
 
@@ -210,108 +205,15 @@ class _NormalizeFunction(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(input, mean, invstd, weight)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return kernels.for_input(input).normalize(input, mean, invstd, weight, bias)
+        return kernels.normalize(input, mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, mean, invstd, weight = ctx.saved_tensors
-        ops = kernels.for_input(input)
-        grad_input, sum_dy, sum_dy_xhat = ops.normalize_backward(grad_output, input, mean, invstd, weight)
+        grad_input, sum_dy, sum_dy_xhat = kernels.normalize_backward(grad_output, input, mean, invstd, weight)
         w = weight.double() if weight is not None else 1.0
         grad_mean = -invstd * w * sum_dy.double()
         grad_invstd = w * sum_dy_xhat.double() / invstd
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return grad_input.to(input.dtype), grad_mean, grad_invstd, grad_weight, grad_bias
-
-
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """The processes way (one collective in forward, one in backward), and with no group
-    the one-replica fast path: the same passes with nothing to exchange.
-
-    backward: dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), both means over
-    every rank; dweight and dbias are this rank's sums (DDP's all-reduce adds the rest).
-    Passes over memory (native kernels): forward reads x twice for the statistics and
-    once to write y; backward reads (dy, x) once for its two sums and once to write dx.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        input: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        momentum: float,
-        eps: float,
-        group: dist.ProcessGroup | None,
-    ) -> Tensor:
-        ops = kernels.for_input(input)
-        stats = ops.batch_statistics(input)
-        if group is not None:
-            # An empty local batch still joins the all_gather (count 0): skipping it would
-            # leave every other rank waiting.
-            stats = all_gather_statistics(stats, group)
-            _check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
-        invstd = torch.rsqrt(stats.m2 / max(stats.count, 1) + eps)
-        if running_mean is not None and running_var is not None and stats.count > 0:
-            _update_running_statistics(running_mean, running_var, stats, momentum)
-        ctx.save_for_backward(input, weight, bias, stats.mean, invstd)
-        ctx.count = stats.count
-        ctx.group = group
-        ctx.eps = eps
-        return ops.normalize(input, stats.mean, invstd, weight, bias)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, bias, mean, invstd = ctx.saved_tensors
-        if ctx.group is None and torch.is_grad_enabled():
-            # create_graph=True (double backward): the compiled passes are not differentiable,
-            # so rebuild this layer from torch's own differentiable BatchNorm.
-            return _differentiable_backward(ctx, grad_output, input, weight, bias)
-        ops = kernels.for_input(input)
-        sum_dy, sum_dy_xhat = ops.gradient_sums(grad_output, input, mean, invstd)
-        sums = torch.stack([sum_dy, sum_dy_xhat])
-        if ctx.group is not None:  # every rank joins, an empty one too (its sums are zeros)
-            sums = all_reduce_sum(sums, ctx.group)
-        global_means = sums / max(ctx.count, 1)
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            grad_input = ops.input_gradient(grad_output, input, mean, invstd, weight, global_means[0], global_means[1])
-        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
-
-
-def _differentiable_backward(
-    ctx: torch.autograd.function.FunctionCtx,
-    grad_output: Tensor,
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-) -> tuple[Tensor | None, ...]:
-    tensors = (input, weight, bias)
-    needed = [t is not None and n for t, n in zip(tensors, ctx.needs_input_grad[:3], strict=True)]
-    output = torch_batch_norm(input, None, None, weight, bias, True, 0.0, ctx.eps)
-    inputs = [t for t, n in zip(tensors, needed, strict=True) if n]
-    grads = iter(torch.autograd.grad(output, inputs, grad_output, create_graph=True))
-    return (*(next(grads) if n else None for n in needed), None, None, None, None, None)
-
-
-def _check_count(count: int, input: Tensor, where: str) -> None:
-    if count == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{input.size()} on {where}, and 1 value per channel over all of them"
-        )
-
-
-def _update_running_statistics(
-    running_mean: Tensor, running_var: Tensor, stats: BatchStatistics, momentum: float
-) -> None:
-    # The running variance is the unbiased estimate n/(n-1) * var, as in torch.
-    with torch.no_grad():
-        unbiased_var = stats.m2 / (stats.count - 1)
-        running_mean.mul_(1 - momentum).add_(stats.mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)

@@ -10,7 +10,7 @@ mean (M2), and merge replicas with the pairwise formula of Chan, Golub & LeVeque
     mu = mu_ref + sum n_i (mu_i - mu_ref) / n
     M2 = sum M2_i + sum n_i (mu_i - mu)^2
 
-A replica's own statistics come from ``syncbn.kernels.torch_ops.batch_statistics``;
+A replica's own statistics come from ``syncbn.kernels.batch_statistics``;
 the merge is made of differentiable tensor ops (``syncbn.comm.threads`` wraps it in one
 autograd node with the same gradient).
 """
@@ -72,7 +72,7 @@ def merge_statistics(parts: Sequence[BatchStatistics]) -> BatchStatistics:
         are zeros.
 
     Example:
-        >>> from syncbn.kernels.torch_ops import batch_statistics
+        >>> from syncbn.kernels import batch_statistics
         >>> a = batch_statistics(torch.tensor([[1.0], [2.0]]))
         >>> b = batch_statistics(torch.tensor([[3.0], [4.0], [5.0]]))
         >>> merged = merge_statistics([a, b])
@@ -98,3 +98,27 @@ def merge_statistics(parts: Sequence[BatchStatistics]) -> BatchStatistics:
     mean = reference + (counts * (means - reference)).sum(0) / count
     m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
     return BatchStatistics(count, mean, m2)
+
+
+def check_count(count: int, input: Tensor, where: str) -> None:
+    """Raise torch's error for training on one value per channel, saying where it happened.
+
+    Example:
+        >>> check_count(2, torch.zeros(2, 3), "replica 0 of 2")
+    """
+    if count == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{input.size()} on {where}, and 1 value per channel over all of them"
+        )
+
+
+def update_running_statistics(
+    running_mean: Tensor, running_var: Tensor, stats: BatchStatistics, momentum: float
+) -> None:
+    """Fold ``stats`` into the running statistics in place, as ``nn.BatchNorm`` does."""
+    # The running variance is the unbiased estimate n/(n-1) * var, as in torch.
+    with torch.no_grad():
+        unbiased_var = stats.m2 / (stats.count - 1)
+        running_mean.mul_(1 - momentum).add_(stats.mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)

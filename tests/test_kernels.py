@@ -1,4 +1,4 @@
-"""The per-replica passes (syncbn.kernels.torch_ops), both paths, against float64 math.
+"""The per-replica passes (syncbn.kernels), both paths, against float64 math.
 
 Small shards (up to SMALL elements) take a few-op float64 path; larger ones take the
 fused passes built from BatchNorm's own kernels. Both must be exact up to the input
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import syncbn
-from syncbn.kernels.torch_ops import SMALL, affine_in_deviation, batch_statistics, normalize, normalize_backward
+from syncbn.kernels import SMALL, affine_in_deviation, batch_statistics, normalize, normalize_backward
 
 SIZES = {"small": (4, 3, 8, 8), "large": (32, 3, 32, 32)}
 

@@ -1,7 +1,6 @@
 """One SyncBN module on its own: the same constructor, state and checks as nn.BatchNormNd,
-and, outside a synchronized context, bit-identical outputs, gradients and buffers wherever
-SyncBN calls F.batch_norm (eval mode, and these small planes; larger float32/float64 NCHW
-planes take the compiled kernels, tested in test_native_kernels.py)."""
+and, outside a synchronized context, bit-identical outputs, gradients and buffers (SyncBN
+calls F.batch_norm there)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncbn.comm.threads import _MergeFunction
-from syncbn.kernels.torch_ops import SMALL, batch_statistics
+from syncbn.kernels import SMALL, batch_statistics
 from syncbn.stats import BatchStatistics, merge_statistics
 
 

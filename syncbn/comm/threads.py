@@ -371,7 +371,7 @@ class ReplicaContext:
 
     Example:
         >>> import torch
-        >>> from syncbn.kernels.torch_ops import batch_statistics
+        >>> from syncbn.kernels import batch_statistics
         >>> context = ReplicaContext(ReplicaGroup(1), rank=0, layer="bn")
         >>> context.all_reduce_statistics(batch_statistics(torch.ones(2, 3))).count
         2
