@@ -20,6 +20,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from syncbn.modules import SyncBatchNorm, SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d
 from syncbn.parallel.data_parallel import DataParallel
 from syncbn.subclass import is_synchronized_subclass, synchronized_class
+from syncbn.synchronized import is_synchronized, record_layer_names
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -64,7 +65,7 @@ def convert_model(module: M, *, process_group: Any = None) -> nn.Module:
     (to ``SyncBatchNorm``), and any other subclass of ``_BatchNorm`` (kept as its own
     class, synchronized). ``nn.DataParallel`` becomes ``syncbn.DataParallel`` on the same
     devices. Layers are changed in place in their parents; the (possibly new) root is
-    returned.
+    returned. Each synchronized layer records its qualified name, which errors name it by.
 
     Args:
         module: a model, a single BN layer, or an ``nn.DataParallel``.
@@ -88,9 +89,10 @@ def convert_model(module: M, *, process_group: Any = None) -> nn.Module:
             converted, module.device_ids or None, getattr(module, "output_device", None), getattr(module, "dim", 0)
         )
     converted = _replace_tree(module, _convert_layer, {})
+    record_layer_names(converted)
     if process_group is not None:
         for layer in converted.modules():
-            if getattr(layer, "_syncbn_synchronized", False):
+            if is_synchronized(layer):
                 layer.process_group = process_group
     return converted
 
@@ -139,7 +141,7 @@ def conversion_target(module: nn.Module) -> str | None:
         >>> conversion_target(nn.BatchNorm2d(3)), conversion_target(nn.ReLU())
         ('SyncBatchNorm2d', None)
     """
-    if not isinstance(module, _BatchNorm) or getattr(module, "_syncbn_synchronized", False):
+    if not isinstance(module, _BatchNorm) or is_synchronized(module):
         return None
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncbn.convert import conversion_target
-from syncbn.parallel.data_parallel import is_synchronized
+from syncbn.synchronized import is_synchronized
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from syncbn.comm.distributed import active_process_group
 from syncbn.comm.threads import replica_context
 from syncbn.functional import sync_batch_norm
+from syncbn.synchronized import Synchronized
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(Synchronized, _BatchNorm):
     r"""Batch normalization over ``(N, C, *)`` input with statistics synchronized across replicas.
 
     Inside ``syncbn.DataParallel`` with R replicas, or in a torch.distributed job of R
@@ -51,8 +52,6 @@ class SyncBatchNorm(_BatchNorm):
         torch.Size([4, 3, 8, 8])
     """
 
-    # Marks modules that DataParallel binds to a replica group (see syncbn.parallel).
-    _syncbn_synchronized = True
     # Only replica 0 ever writes its buffers (forward below, syncbn.functional), so
     # replicas on the master's device may read the master's instead of copies.
     _syncbn_replicas_read_buffers_only = True

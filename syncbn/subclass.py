@@ -28,6 +28,7 @@ from syncbn.comm.distributed import active_process_group
 from syncbn.comm.threads import ReplicaContext, replica_context
 from syncbn.errors import SyncBNError
 from syncbn.functional import sync_batch_norm, torch_batch_norm
+from syncbn.synchronized import Synchronized
 
 
 @dataclass
@@ -85,10 +86,9 @@ def _is_own_call(module: nn.Module, running_mean: Tensor | None, weight: Tensor 
     return (running_mean is None or running_mean is module.running_mean) and (weight is None or weight is module.weight)
 
 
-class _SynchronizedSubclass:
+class _SynchronizedSubclass(Synchronized):
     """Mixin placed before the original class: wraps its forward in batch-norm routing."""
 
-    _syncbn_synchronized = True
     _syncbn_original_class: type[nn.Module]
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:

@@ -18,17 +18,7 @@ from syncbn.comm.threads import ReplicaContext, ReplicaGroup, bind_replica
 from syncbn.parallel.parallel_apply import parallel_apply
 from syncbn.parallel.replicate import check_on_device, replicate
 from syncbn.parallel.scatter_gather import gather, scatter_arguments
-
-
-def is_synchronized(module: nn.Module) -> bool:
-    """Whether ``module`` synchronizes batch statistics (a SyncBN or a converted BN subclass).
-
-    Example:
-        >>> import syncbn
-        >>> is_synchronized(syncbn.SyncBatchNorm2d(3)), is_synchronized(nn.BatchNorm2d(3))
-        (True, False)
-    """
-    return getattr(module, "_syncbn_synchronized", False)
+from syncbn.synchronized import is_synchronized
 
 
 def bind_replicas(master: nn.Module, replicas: Sequence[nn.Module], group: ReplicaGroup) -> None:

@@ -1,0 +1,59 @@
+"""The one marker of synchronized modules, and the name each one answers to in errors.
+
+A module is synchronized when its class derives from ``Synchronized``: ``SyncBatchNorm``
+and the synchronized subclasses ``convert_model`` makes of other BatchNorm classes.
+``convert_model`` records every such layer's qualified name (``"layer1.0.bn1"``), so
+that errors raised far from the model (in another process, say) can name it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+_NAME = "_syncbn_name"
+
+
+class Synchronized:
+    """Mixin of every module whose batch statistics syncbn synchronizes.
+
+    Example:
+        >>> import syncbn
+        >>> isinstance(syncbn.SyncBatchNorm2d(3), Synchronized)
+        True
+    """
+
+
+def is_synchronized(module: nn.Module) -> bool:
+    """Whether ``module`` synchronizes batch statistics (a SyncBN or a converted BN subclass).
+
+    Example:
+        >>> import syncbn
+        >>> is_synchronized(syncbn.SyncBatchNorm2d(3)), is_synchronized(nn.BatchNorm2d(3))
+        (True, False)
+    """
+    return isinstance(module, Synchronized)
+
+
+def record_layer_names(model: nn.Module) -> None:
+    """Record on every synchronized layer of ``model`` its qualified name in ``model``.
+
+    Example:
+        >>> import syncbn
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), syncbn.SyncBatchNorm2d(4))
+        >>> record_layer_names(net); layer_name(net[1])
+        '1'
+    """
+    for name, module in model.named_modules():
+        if is_synchronized(module):
+            module.__dict__[_NAME] = name or "<root>"
+
+
+def layer_name(module: nn.Module) -> str | None:
+    """The qualified name ``record_layer_names`` gave ``module``, or None if it has none.
+
+    Example:
+        >>> import syncbn
+        >>> layer_name(syncbn.SyncBatchNorm2d(3)) is None
+        True
+    """
+    return module.__dict__.get(_NAME)
