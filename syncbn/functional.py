@@ -26,8 +26,8 @@ from torch import Tensor
 from syncbn import kernels
 from syncbn._functions import _SyncBatchNormFunction
 from syncbn.comm.threads import ReplicaContext, merge_replica_statistics
-from syncbn.parallel.scatter_gather import join
-from syncbn.stats import BatchStatistics, check_count, update_running_statistics
+from syncbn.shards import join_batch, split_batch
+from syncbn.stats import BatchStatistics, check_count, compute_dtype, reduced_dims, update_running_statistics
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
 # unsynchronized path must still reach torch's own kernel.
@@ -72,12 +72,19 @@ def sync_batch_norm(
         >>> torch.allclose(y, F.batch_norm(x, None, None, training=True))
         True
     """
+    # As torch checks them (older releases did not, and the synchronized paths never reach torch's check).
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training and replica is not None and replica.world_size > 1:
         shard = _Shard(input, running_mean, running_var, weight, bias, momentum, eps)
         if replica.group.shared_device:
             return replica.group.exchange(replica.rank, replica.layer, shard, _normalize_together)[replica.rank]
-        stats = replica.all_reduce_statistics(_local_statistics(input))
-        return _normalize_with(shard, stats, replica.rank, replica.world_size)
+        target = _gradient_target(input)
+        local = _local_statistics(target, input)
+        merged = _exchange_statistics(replica, _Post(local, weight, bias))
+        return _normalize_with(shard, target, local, merged, replica.rank, replica.world_size)
     if training and process_group is not None:
         return _SyncBatchNormFunction.apply(
             input, weight, bias, running_mean, running_var, momentum, eps, process_group
@@ -104,22 +111,28 @@ def _normalize_together(shards: list[_Shard]) -> list[Tensor]:
     """Every replica's output, computed once all have arrived (replicas share a device).
 
     The shards joined along the batch are the full batch, so torch's own BatchNorm
-    normalizes them: bit-identical to one device, three autograd nodes (join, BatchNorm,
-    split) where merging statistics takes nine Python ones, and one pass over the batch
-    where R shard passes each pay the per-op overhead. Shards that cannot be joined
-    (sizes beyond the batch, dtypes, layouts or parameters differ) are normalized one
-    by one with merged statistics instead.
+    normalizes them: bit-identical to one device, and one pass over the batch where R
+    shard passes each pay the per-op overhead. Each replica gets its part of the output
+    as a tensor of its own (``split_batch``), so it may change it in place. Shards that
+    cannot be joined (sizes beyond the batch, dtypes, layouts or parameters differ) are
+    normalized one by one with merged statistics instead.
     """
     if not _joinable(shards):
-        merged = merge_replica_statistics([_local_statistics(shard.input) for shard in shards])
-        return [_normalize_with(shard, merged, rank, len(shards)) for rank, shard in enumerate(shards)]
+        targets = [_gradient_target(shard.input) for shard in shards]
+        local = [_local_statistics(target, shard.input) for target, shard in zip(targets, shards, strict=True)]
+        posts = [_Post(stats, shard.weight, shard.bias) for stats, shard in zip(local, shards, strict=True)]
+        merged = _merge_posts(posts)
+        return [
+            _normalize_with(shard, targets[rank], local[rank], merged, rank, len(shards))
+            for rank, shard in enumerate(shards)
+        ]
     first = shards[0]  # replica 0's buffers are the master's; the others' copies are discarded
-    whole = join([shard.input for shard in shards])
+    whole = join_batch([shard.input for shard in shards], private=True)
     check_count(whole.numel() // whole.size(1), whole, f"all {len(shards)} replicas")
     output = torch_batch_norm(
         whole, first.running_mean, first.running_var, first.weight, first.bias, True, first.momentum, first.eps
     )
-    return list(output.split([shard.input.size(0) for shard in shards]))
+    return split_batch(output, [shard.input.size(0) for shard in shards])
 
 
 def _joinable(shards: list[_Shard]) -> bool:
@@ -139,81 +152,228 @@ def _joinable(shards: list[_Shard]) -> bool:
     ) and all((part.stride(), part.dtype, part.device) == layout for part in parts)
 
 
-def _local_statistics(input: Tensor) -> BatchStatistics:
-    mean, m2 = _LocalStatisticsFunction.apply(input)
+class _Post(NamedTuple):
+    """What a replica brings to the rendezvous on the statistics way."""
+
+    statistics: BatchStatistics
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+class _Merged(NamedTuple):
+    """What every replica takes from it: the merged statistics and float64 affine parameters.
+
+    Every replica normalizes with the same float64 copies of replica 0's weight and bias,
+    so that autograd sums the replicas' parameter gradients in float64 and rounds them to
+    the parameters' dtype once, as one device would (R float16 partial sums would each be
+    rounded).
+    """
+
+    statistics: BatchStatistics
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def to(self, device: torch.device) -> _Merged:
+        stats = BatchStatistics(self.statistics.count, self.statistics.mean.to(device), self.statistics.m2.to(device))
+        return _Merged(stats, *(None if p is None else p.to(device) for p in (self.weight, self.bias)))
+
+
+def _merge_posts(posts: list[_Post]) -> _Merged:
+    """Chan's merge of every replica's statistics, and the float64 parameters, on the first replica's device."""
+    merged = merge_replica_statistics([post.statistics for post in posts])
+    first = posts[0]
+    return _Merged(merged, *(None if p is None else p.double() for p in (first.weight, first.bias)))
+
+
+def _exchange_statistics(replica: ReplicaContext, post: _Post) -> _Merged:
+    """This replica's share of the merge of every replica's post, on its own device."""
+    merged = replica.group.exchange(replica.rank, replica.layer, post, _merge_posts)
+    return merged.to(post.statistics.mean.device)
+
+
+def _gradient_target(input: Tensor) -> Tensor:
+    """What the statistics way's input gradient flows into: ``input``, or a float32 stand-in of a half one.
+
+    Its two contributions (from the statistics and from the normalization) are summed by
+    autograd in the dtype of what they flow into; float16/bfloat16 would round each
+    (the affine one the same way on every element, so the errors add up over a channel),
+    where torch rounds the input gradient once.
+    """
+    if input.dtype in (torch.float16, torch.bfloat16) and input.requires_grad:
+        return _Float32GradientFunction.apply(input)
+    return input
+
+
+def _local_statistics(target: Tensor, input: Tensor) -> BatchStatistics:
+    mean, m2 = _LocalStatisticsFunction.apply(target, input)
     return BatchStatistics(input.numel() // input.size(1) if input.size(1) else 0, mean, m2)
 
 
-def _normalize_with(shard: _Shard, stats: BatchStatistics, rank: int, replicas: int) -> Tensor:
-    """Normalize replica ``rank``'s shard with the merged statistics of all of them."""
-    input = shard.input
+def _normalize_with(
+    shard: _Shard, target: Tensor, local: BatchStatistics, merged: _Merged, rank: int, replicas: int
+) -> Tensor:
+    """Normalize replica ``rank``'s shard (statistics ``local``) with the ``merged`` statistics of all of them."""
+    input, stats = shard.input, merged.statistics
     check_count(stats.count, input, f"replica {rank} of {replicas}")
     mean, m2 = stats.mean.to(input.device), stats.m2.to(input.device)
     invstd = torch.rsqrt(m2 / max(stats.count, 1) + shard.eps)
     # Only replica 0's buffers are the master's; the others' copies are discarded.
     if rank == 0 and shard.running_mean is not None and shard.running_var is not None and stats.count > 0:
-        merged = BatchStatistics(stats.count, mean, m2)
-        update_running_statistics(shard.running_mean, shard.running_var, merged, shard.momentum)
-    return _NormalizeFunction.apply(input, mean, invstd, shard.weight, shard.bias)
+        on_device = BatchStatistics(stats.count, mean, m2)
+        update_running_statistics(shard.running_mean, shard.running_var, on_device, shard.momentum)
+    weight, bias = (None if p is None else p.to(input.device) for p in (merged.weight, merged.bias))
+    return _NormalizeFunction.apply(target, input, mean, invstd, weight, bias, local.mean, local.m2)
 
 
-# Replicas on different devices: two Functions with fused passes per replica, joined by
-# the differentiable merge (syncbn.comm.threads).
+# Replicas on different devices: two Functions per replica, joined by the differentiable
+# merge (syncbn.comm.threads). Autograd sums their two contributions to the input
+# gradient, so each must be small where the sum is: the normalize Function gives the
+# shard's own BatchNorm backward (dy less its local means) and hands the rest, a small
+# correction affine in x, to the statistics Function through the local (mean, M2). With
+# ``w * invstd * dy`` and its large mean split between them instead, each would be
+# rounded apart (in float16, 10-1000x further off than torch's input gradient; in float32,
+# by a per-channel constant whose rounding adds up over the batch).
+# For float16/bfloat16 input the two are summed in float32 (``_gradient_target``) and
+# rounded once, as torch rounds its input gradient once.
 
 
 class _LocalStatisticsFunction(torch.autograd.Function):
-    """x -> this replica's (mean, M2) per channel, float64.
+    """(target, x) -> this replica's (mean, M2) of x per channel, float64; x's gradient goes to target.
 
     backward: d/dx of mean is 1/n, of M2 is 2 (x - mean), so
     dx = dmean / n + 2 (x - mean) dM2 — affine in x, one centered affine pass.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, input: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: torch.autograd.function.FunctionCtx, target: Tensor, input: Tensor) -> tuple[Tensor, Tensor]:
         stats = kernels.batch_statistics(input)
         ctx.save_for_backward(input, stats.mean)
-        ctx.count = stats.count
+        ctx.count, ctx.target_dtype = stats.count, target.dtype
         return stats.mean, stats.m2
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_mean: Tensor, grad_m2: Tensor) -> Tensor:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_mean: Tensor, grad_m2: Tensor) -> tuple[Tensor, None]:
         input, mean = ctx.saved_tensors
         if ctx.count == 0:
-            return torch.zeros_like(input)
+            return torch.zeros_like(input, dtype=ctx.target_dtype), None
         grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
         grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
+        if torch.is_grad_enabled():  # create_graph: plain differentiable ops (the kernels are not)
+            deviation = input.double() - _per_channel(mean, input)
+            grad = _per_channel(grad_mean / ctx.count, input) + 2 * deviation * _per_channel(grad_m2, input)
+            return grad.to(ctx.target_dtype), None
         deviation_grad = kernels.affine_in_deviation(input, mean, 2 * grad_m2, grad_mean / ctx.count)
-        return deviation_grad.to(input.dtype)
+        return deviation_grad.to(ctx.target_dtype), None
 
 
 class _NormalizeFunction(torch.autograd.Function):
-    """(x, mean, invstd, weight, bias) -> (x - mean) * invstd * weight + bias, in one pass.
+    """(target, x, mean, invstd, weight, bias, local mean, local M2) -> (x - mean) * invstd * weight + bias.
 
-    backward, from one fused pass giving dy * invstd * w, sum(dy) and sum(dy * xhat):
-    dmean = -invstd * w * sum(dy), dinvstd = w * sum(dy * xhat) / invstd,
-    dweight = sum(dy * xhat), dbias = sum(dy).
+    ``mean`` and ``invstd`` are the merged statistics; the shard's own (local mean, M2)
+    take part only in the backward, which hands them a share of x's gradient. That
+    gradient goes to ``target`` (x itself, or its float32 stand-in).
+
+    backward, with sums over this shard: dmean = -invstd * w * sum(dy),
+    dinvstd = w * sum(dy * (x - mean)), dweight = invstd * sum(dy * (x - mean)),
+    dbias = sum(dy); dx = torch's BatchNorm backward on this shard alone (local means of
+    dy and dy * xhat), and the local statistics get what makes up the rest of
+    ``w * invstd * dy``: ``w * invstd * (mean_local(dy) + xhat * mean_local(dy * xhat))``.
     """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
+        target: Tensor,
         input: Tensor,
         mean: Tensor,
         invstd: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
+        local_mean: Tensor,
+        local_m2: Tensor,
     ) -> Tensor:
-        ctx.save_for_backward(input, mean, invstd, weight)
+        ctx.save_for_backward(input, mean, invstd, weight, local_mean)
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.target_dtype = target.dtype
         return kernels.normalize(input, mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, mean, invstd, weight = ctx.saved_tensors
-        grad_input, sum_dy, sum_dy_xhat = kernels.normalize_backward(grad_output, input, mean, invstd, weight)
+        input, mean, invstd, weight, local_mean = ctx.saved_tensors
         w = weight.double() if weight is not None else 1.0
-        grad_mean = -invstd * w * sum_dy.double()
-        grad_invstd = w * sum_dy_xhat.double() / invstd
-        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
+        if torch.is_grad_enabled():  # create_graph: plain differentiable ops (the kernels are not)
+            dims = reduced_dims(input)
+            dy = grad_output.double()
+            deviation = input.double() - _per_channel(mean, input)
+            sum_dy, sum_dy_deviation = dy.sum(dims), (dy * deviation).sum(dims)
+            grad_input = dy * _per_channel(invstd * w, input)
+            grad_local_mean = grad_local_m2 = None
+        else:
+            grad_input, sum_dy, sum_dy_deviation, grad_local_mean, grad_local_m2 = _shard_backward(
+                grad_output, input, mean, invstd, weight, local_mean
+            )
+        grad_mean = -invstd * w * sum_dy
+        grad_invstd = w * sum_dy_deviation
+        grad_weight = (invstd * sum_dy_deviation).to(weight.dtype) if weight is not None else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return grad_input.to(input.dtype), grad_mean, grad_invstd, grad_weight, grad_bias
+        grad_input = grad_input.to(ctx.target_dtype)
+        return grad_input, None, grad_mean, grad_invstd, grad_weight, grad_bias, grad_local_mean, grad_local_m2
+
+
+def _shard_backward(
+    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, local_mean: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """torch's training-mode BatchNorm backward on one shard, with the merged mean and invstd.
+
+    Returns ``(dx_local, sum(dy), sum(dy * (x - mean)), dlocal_mean, dlocal_M2)``, sums in
+    float64: ``dx_local`` is the kernel's input gradient (in the compute dtype), and the
+    local statistics' share makes up the rest of ``w * invstd * dy`` through their backward.
+    """
+    count = input.numel() // input.size(1)
+    zeros = torch.zeros_like(mean)
+    if count == 0:
+        return torch.zeros_like(input), zeros, zeros, zeros, zeros
+    dtype = compute_dtype(input.dtype)
+    # The kernel works with the mean and invstd rounded to the compute dtype: its centred
+    # term is (x - mean_k) * invstd_k^2 * sum(dy * (x - mean_k)) / n, and the share below
+    # uses the same, so that the two add up to w * invstd * dy up to a rounding of the
+    # scale on centred values (whose sum over the shard is zero: no error adds up).
+    mean_k, invstd_k = mean.to(dtype), invstd.to(dtype)
+    w_k = weight.to(dtype) if weight is not None else torch.ones_like(invstd_k)
+    # In the compute dtype, not rounded to float16: the share below is added to it in
+    # float32 (``_gradient_target``), and only the sum is rounded.
+    grad_input, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_output.to(dtype), input.to(dtype), w_k, None, None, mean_k, invstd_k, True, 0.0, [True, True, True]
+    )
+    scale = invstd.double() * (weight.double() if weight is not None else 1.0)
+    sum_dy, invstd_k = sum_dy.double(), invstd_k.double()
+    sum_dy_deviation_k = sum_dy_xhat.double() / invstd_k  # sum(dy * (x - mean_k))
+    # The share, scale * (sum_dy / n + invstd_k^2 * sum_dy_deviation_k / n * (x - mean_k)),
+    # as dx = dlocal_mean / n + 2 * (x - local_mean) * dlocal_M2 with x - mean_k =
+    # (x - local_mean) + (local_mean - mean_k):
+    slope = scale * invstd_k.square() * sum_dy_deviation_k / count
+    grad_local_mean = scale * sum_dy + count * slope * (local_mean - mean_k.double())
+    shift = mean.double() - mean_k.double()
+    return grad_input, sum_dy, sum_dy_deviation_k - shift * sum_dy, grad_local_mean, slope / 2
+
+
+class _Float32GradientFunction(torch.autograd.Function):
+    """x (float16/bfloat16) -> a float32 stand-in of x's shape that holds no memory.
+
+    The statistics way's Functions read x itself and send x's gradient to the stand-in;
+    autograd sums what they send in float32, and the backward rounds it to x's dtype once.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, input: Tensor) -> Tensor:
+        ctx.dtype = input.dtype
+        return input.new_zeros((), dtype=torch.float32).expand(input.shape)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        return grad.to(ctx.dtype)
+
+
+def _per_channel(vector: Tensor, input: Tensor) -> Tensor:
+    """A float64 ``(C,)`` vector shaped to broadcast against ``(N, C, *)`` input."""
+    return vector.double().view(1, -1, *([1] * (input.dim() - 2)))

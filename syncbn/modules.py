@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from syncbn.comm.distributed import active_process_group
 from syncbn.comm.threads import replica_context
 from syncbn.functional import sync_batch_norm
-from syncbn.synchronized import Synchronized
+from syncbn.synchronized import Synchronized, check_bound
 
 
 class SyncBatchNorm(Synchronized, _BatchNorm):
@@ -82,6 +82,10 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
         self._check_input_dim(input)
         replica = replica_context(self)
         synchronized_peers = replica is not None and replica.world_size > 1
+        # Batch statistics in training, and in eval when there are no running ones.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if bn_training:
+            check_bound(self, replica is not None)
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             # Replica 0's buffers are the master's; the other replicas' are discarded (or
@@ -90,8 +94,6 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
                 self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 exponential_average_factor = 1.0 / max(float(self.num_batches_tracked), 1.0)
-        # Batch statistics in training, and in eval when there are no running ones.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are updated only when tracked and training.
         use_buffers = not self.training or self.track_running_stats
         return sync_batch_norm(

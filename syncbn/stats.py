@@ -117,8 +117,9 @@ def update_running_statistics(
     running_mean: Tensor, running_var: Tensor, stats: BatchStatistics, momentum: float
 ) -> None:
     """Fold ``stats`` into the running statistics in place, as ``nn.BatchNorm`` does."""
-    # The running variance is the unbiased estimate n/(n-1) * var, as in torch.
+    # The running variance is the unbiased estimate n/(n-1) * var, as in torch. Computed in
+    # float64 and rounded once: float16 buffers would otherwise round at each step.
     with torch.no_grad():
         unbiased_var = stats.m2 / (stats.count - 1)
-        running_mean.mul_(1 - momentum).add_(stats.mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+        running_mean.copy_(running_mean.double() * (1 - momentum) + stats.mean.double() * momentum)
+        running_var.copy_(running_var.double() * (1 - momentum) + unbiased_var.double() * momentum)

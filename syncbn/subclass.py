@@ -28,7 +28,7 @@ from syncbn.comm.distributed import active_process_group
 from syncbn.comm.threads import ReplicaContext, replica_context
 from syncbn.errors import SyncBNError
 from syncbn.functional import sync_batch_norm, torch_batch_norm
-from syncbn.synchronized import Synchronized
+from syncbn.synchronized import Synchronized, check_bound
 
 
 @dataclass
@@ -98,6 +98,8 @@ class _SynchronizedSubclass(Synchronized):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         replica = replica_context(self)  # type: ignore[arg-type]
+        if self.training or self.running_mean is None:  # type: ignore[attr-defined]
+            check_bound(self, replica is not None)  # type: ignore[arg-type]
         if replica is not None and replica.world_size == 1:
             replica = None
         group = None if replica is not None else active_process_group(getattr(self, "process_group", None))

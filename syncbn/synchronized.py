@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from syncbn.comm.threads import current_replica
+from syncbn.errors import SyncBNError
+
 _NAME = "_syncbn_name"
 
 
@@ -57,3 +60,35 @@ def layer_name(module: nn.Module) -> str | None:
         True
     """
     return module.__dict__.get(_NAME)
+
+
+def describe(module: nn.Module) -> str:
+    """How errors name a layer: its qualified name, else its class and width.
+
+    Example:
+        >>> import syncbn
+        >>> describe(syncbn.SyncBatchNorm2d(3))
+        'SyncBatchNorm2d(3)'
+    """
+    name = layer_name(module)
+    if name is not None:
+        return f"'{name}'"
+    return f"{type(module).__name__}({getattr(module, 'num_features', '')})"
+
+
+def check_bound(module: nn.Module, bound: bool) -> None:
+    """Refuse to normalize with batch statistics inside a replica when ``module`` is not bound to one.
+
+    Inside a ``syncbn.DataParallel`` forward every synchronized layer a replica reaches
+    is that replica's copy, bound to the replicas' rendezvous. A layer that is not (the
+    master's own, reached through a compiled forward, a closure or an unregistered
+    attribute) would normalize one replica's shard alone: wrong numbers, so an error.
+    """
+    if not bound and current_replica() is not None:
+        raise SyncBNError(
+            f"SyncBN layer {describe(module)} ran in training mode inside a syncbn.DataParallel forward "
+            "without being bound to its replica, so it would use one replica's statistics only; this happens "
+            "when DataParallel's replicate() cannot reach it (a torch.compile'd module: compile the "
+            "DataParallel instead, torch.compile(syncbn.DataParallel(model)); a layer held in a plain "
+            "attribute, list or closure: register it as a submodule)"
+        )

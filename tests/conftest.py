@@ -74,6 +74,25 @@ def assert_state_equal() -> Callable[..., None]:
     return _assert_state_equal
 
 
+@pytest.fixture(params=["whole-batch", "statistics"])
+def in_process_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways replicas of one process meet, on the CPU.
+
+    "whole-batch": what replicas sharing a device do (the last to arrive normalizes the
+    joined shards at once); "statistics": what replicas on different devices do (each
+    normalizes its shard with merged statistics), forced here on the CPU.
+    """
+    if request.param == "statistics":
+        from syncbn.parallel import data_parallel
+
+        monkeypatch.setattr(
+            data_parallel,
+            "ReplicaGroup",
+            lambda world_size, timeout, shared_device: ReplicaGroup(world_size, timeout, shared_device=False),
+        )
+    return request.param
+
+
 @pytest.fixture
 def broken_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """SyncBN with synchronization skipped: every replica keeps its own statistics (both ways)."""
@@ -95,8 +114,11 @@ def broken_sync(monkeypatch: pytest.MonkeyPatch) -> None:
             for rank, s in enumerate(shards)
         ]
 
+    def own_statistics(replica: ReplicaContext, post):
+        return syncbn.functional._Merged(post.statistics, post.weight, post.bias)
+
     monkeypatch.setattr(syncbn.functional, "_normalize_together", each_shard_alone)
-    monkeypatch.setattr(ReplicaContext, "all_reduce_statistics", lambda self, local: local)
+    monkeypatch.setattr(syncbn.functional, "_exchange_statistics", own_statistics)
 
 
 @pytest.fixture

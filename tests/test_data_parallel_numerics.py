@@ -21,8 +21,6 @@ from torch import nn
 
 import syncbn
 import syncbn.functional
-from syncbn.comm.threads import ReplicaGroup
-from syncbn.parallel import data_parallel
 from syncbn.parallel.parallel_apply import current_replica
 
 TOLERANCE = {
@@ -46,15 +44,9 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, params=["whole-batch", "statistics"])
-def way(request, monkeypatch) -> str:
-    if request.param == "statistics":
-        monkeypatch.setattr(
-            data_parallel,
-            "ReplicaGroup",
-            lambda world_size, timeout, shared_device: ReplicaGroup(world_size, timeout, shared_device=False),
-        )
-    return request.param
+@pytest.fixture(autouse=True)
+def way(in_process_way: str) -> str:
+    return in_process_way
 
 
 def randomize_(model: nn.Module) -> nn.Module:
@@ -588,3 +580,13 @@ def test_replicas_read_the_masters_buffers_and_only_replica_0_writes_them(way, m
     assert int(model.module[0].num_batches_tracked) == 3 and not (exact and merged)
     assert all(buffer is master_buffers["1.running_mean"] for buffer in seen) and len(seen) == 12
     assert all(model.module.get_buffer(name) is buf for name, buf in master_buffers.items())
+
+
+@pytest.mark.parametrize(
+    "eps, training, message", [(0.0, True, "positive"), (-1.0, True, "positive"), (-1.0, False, "non-negative")]
+)
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_eps_out_of_range_raises_like_torch(eps, training, message, replicas):
+    model = synchronized(make_bn("bn2d", eps=eps), replicas).train(training)
+    with pytest.raises(ValueError, match=f"batch_norm eps must be {message}"):
+        model(torch.randn(input_shape("bn2d", 4), dtype=torch.float64))

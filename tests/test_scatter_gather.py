@@ -7,7 +7,8 @@ from collections import namedtuple
 import pytest
 import torch
 
-from syncbn.parallel.scatter_gather import gather, join, scatter, scatter_arguments
+from syncbn.parallel.scatter_gather import gather, scatter, scatter_arguments
+from syncbn.shards import join_batch as join
 
 CPU = torch.device("cpu")
 Pair = namedtuple("Pair", "a b")

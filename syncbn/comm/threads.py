@@ -36,6 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -428,6 +429,23 @@ class _MergeFunction(torch.autograd.Function):
             n / total * grad_mean + 2 * n * (m - mean) * grad_m2 for n, m in zip(ctx.counts, means, strict=True)
         ]
         return (None, *grad_means, *(grad_m2 for _ in means))
+
+
+# Per thread and per greenlet: the rank of the replica whose forward runs there.
+running_replica: ContextVar[int | None] = ContextVar("syncbn_running_replica", default=None)
+
+
+def current_replica() -> int | None:
+    """The rank of the replica running on this thread, or None outside a ``DataParallel`` forward.
+
+    Lets forward hooks on a replicated model tell replicas apart (hooks registered on the
+    master fire on every replica, with the replica's module).
+
+    Example:
+        >>> current_replica() is None
+        True
+    """
+    return running_replica.get()
 
 
 def bind_replica(module: nn.Module, context: ReplicaContext) -> None:

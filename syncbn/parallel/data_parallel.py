@@ -16,7 +16,7 @@ from torch import nn
 
 from syncbn.comm.threads import ReplicaContext, ReplicaGroup, bind_replica
 from syncbn.parallel.parallel_apply import parallel_apply
-from syncbn.parallel.replicate import check_on_device, replicate
+from syncbn.parallel.replicate import check_on_device, check_replicable, replicate
 from syncbn.parallel.scatter_gather import gather, scatter_arguments
 from syncbn.synchronized import is_synchronized
 
@@ -93,6 +93,7 @@ class DataParallel(nn.Module):
             raise ValueError(f"replicas must be a positive integer (got {replicas!r})")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds (got {timeout!r})")
+        check_replicable(module)
         self.module = module
         self.dim = dim
         self.timeout = float(timeout)
@@ -166,6 +167,7 @@ def patch_replication_callback(data_parallel: nn.DataParallel) -> nn.DataParalle
     """
     if not isinstance(data_parallel, nn.DataParallel):
         raise TypeError(f"expected an nn.DataParallel (got {type(data_parallel).__name__})")
+    check_replicable(data_parallel.module)
 
     def synchronized_parallel_apply(replicas: Sequence[nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         devices = [_device_of(replica) for replica in replicas]

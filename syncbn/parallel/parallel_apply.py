@@ -21,33 +21,17 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
-from contextvars import ContextVar
 from typing import Any
 
 import greenlet
 import torch
 from torch import nn
 
-from syncbn.comm.threads import ReplicaGroup, ThreadModes
+from syncbn.comm.threads import ReplicaGroup, ThreadModes, running_replica
+from syncbn.comm.threads import current_replica as current_replica  # re-exported
 from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
 from syncbn.parallel.replica_greenlets import run_in_turns
 from syncbn.parallel.replica_threads import POOL
-
-# Per thread and per greenlet: each replica sees its own rank.
-_current_rank: ContextVar[int | None] = ContextVar("syncbn_current_replica", default=None)
-
-
-def current_replica() -> int | None:
-    """The rank of the replica running on this thread, or None outside ``parallel_apply``.
-
-    Lets forward hooks on a replicated model tell replicas apart (hooks registered on the
-    master fire on every replica, with the replica's module).
-
-    Example:
-        >>> current_replica() is None
-        True
-    """
-    return _current_rank.get()
 
 
 def parallel_apply(
@@ -85,7 +69,7 @@ def parallel_apply(
 
     def work(rank: int) -> None:
         device = devices[rank]
-        token = _current_rank.set(rank)
+        token = running_replica.set(rank)
         try:
             group.begin(rank)
             with contextlib.ExitStack() as entered:
@@ -102,7 +86,7 @@ def parallel_apply(
         else:
             group.finish(rank)
         finally:
-            _current_rank.reset(token)
+            running_replica.reset(token)
 
     functions = [functools.partial(work, rank) for rank in range(len(replicas))]
     if shared_device:

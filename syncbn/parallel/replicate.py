@@ -15,6 +15,7 @@ master's buffers, which saves three copies per layer per replica.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -80,6 +81,36 @@ def replicate(module: M, devices: Sequence[torch.device]) -> list[M]:
                 else:
                     replica._buffers[name] = buf.detach().to(device, copy=True)
     return [replica_modules[0] for replica_modules in replicas]  # type: ignore[misc]
+
+
+def check_replicable(module: nn.Module) -> None:
+    """Refuse a module whose replicas would run the master's layers: a ``torch.compile``'d one.
+
+    A compiled module's forward (``torch.compile(m)``, ``m.compile()``) is bound to the
+    original module, so every replica would call the master's layers instead of its own.
+
+    Raises:
+        ValueError: ``module`` or one of its submodules is compiled.
+
+    Example:
+        >>> check_replicable(nn.Sequential(nn.Linear(2, 2)))
+    """
+    for name, sub in module.named_modules():
+        if _is_compiled(sub):
+            where = f"submodule '{name}'" if name else "the module"
+            raise ValueError(
+                f"syncbn.DataParallel cannot replicate a torch.compile'd module ({where}): its compiled "
+                "forward stays bound to the original, so replicas would not synchronize; compile the "
+                "DataParallel instead: torch.compile(syncbn.DataParallel(model))"
+            )
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    if module.__dict__.get("_compiled_call_impl") is not None:  # nn.Module.compile()
+        return True
+    # Without torch._dynamo imported, nothing can have been wrapped by torch.compile.
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(module, dynamo.OptimizedModule)
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:

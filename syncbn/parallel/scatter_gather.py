@@ -14,13 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from syncbn.shards import join_batch, split_batch
+
 
 def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any]:
     """Split every tensor in ``obj`` (nested tuples, lists, dicts) into ``len(devices)`` shards.
 
-    Tensors are split along ``dim`` into balanced shards and moved to each
-    replica's device (a view when the device is unchanged); anything else is shared by
-    reference.
+    Tensors are split along ``dim`` into balanced shards, each a tensor of its own on its
+    replica's device (in-place ops on one touch neither the others nor the caller's
+    tensor); anything else is shared by reference.
 
     Example:
         >>> shards = scatter((torch.arange(5),), [torch.device("cpu")] * 2)
@@ -28,12 +30,14 @@ def scatter(obj: Any, devices: Sequence[torch.device], dim: int = 0) -> list[Any
         [[0, 1, 2], [3, 4]]
     """
     if isinstance(obj, Tensor):
-        # torch.split with explicit sizes, not tensor_split: its backward is one
-        # concatenation, where tensor_split's fills a full-size zero tensor per shard.
-        shards = torch.split(obj, shard_sizes(obj.size(dim), len(devices)), dim)
-        if all(device == obj.device for device in devices):  # virtual replicas: views as they are
-            return list(shards)
-        return [shard.to(device) for shard, device in zip(shards, devices, strict=True)]
+        sizes = shard_sizes(obj.size(dim), len(devices))
+        if all(device == obj.device for device in devices):
+            # One copy, then shards of their own over it: a replica may change its shard in
+            # place, and the caller's tensor must not change under the replicas' saved tensors.
+            return split_batch(obj.clone(memory_format=torch.preserve_format), sizes, dim)
+        # Explicit sizes, not tensor_split: split's backward is one concatenation.
+        shards = torch.split(obj, sizes, dim)
+        return [shard.to(device, copy=True) for shard, device in zip(shards, devices, strict=True)]
     if isinstance(obj, (tuple, list)) and obj:
         per_replica = zip(*(scatter(x, devices, dim) for x in obj), strict=True)
         if hasattr(obj, "_fields"):  # namedtuple
@@ -85,7 +89,7 @@ def gather(outputs: Sequence[Any], device: torch.device, dim: int = 0) -> Any:
         moved = [out.to(device) for out in outputs]
         if first.dim() == 0:
             return torch.stack(moved)
-        return join(moved, dim)
+        return join_batch(moved, dim)
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(gather(parts, device, dim) for parts in zip(*outputs, strict=False)))
     if isinstance(first, (tuple, list)):
@@ -95,42 +99,3 @@ def gather(outputs: Sequence[Any], device: torch.device, dim: int = 0) -> Any:
             raise ValueError("all replicas must return dicts with the same keys")
         return type(first)((key, gather([out[key] for out in outputs], device, dim)) for key in first)
     return first
-
-
-def join(parts: Sequence[Tensor], dim: int = 0) -> Tensor:
-    """``torch.cat(parts, dim)``, without the copy when ``parts`` are consecutive slices of one tensor.
-
-    Shards that ``scatter`` split from one batch, and outputs a SyncBN layer split from
-    its whole-batch result, are views that tile the tensor they came from: that tensor
-    *is* their concatenation, in value and, since autograd follows views, in gradient.
-
-    Example:
-        >>> batch = torch.zeros(3, 2)
-        >>> join(list(batch.split([2, 1]))) is batch
-        True
-        >>> join([torch.zeros(1, 2), torch.ones(1, 2)]).tolist()
-        [[0.0, 0.0], [1.0, 1.0]]
-    """
-    base = parts[0]._base
-    if base is not None and _tiles(parts, base, dim):
-        return base
-    # torch.cat drops channels_last when one part is empty; empty parts add nothing.
-    nonempty = [part for part in parts if part.numel() > 0]
-    return torch.cat(nonempty or list(parts), dim)
-
-
-def _tiles(parts: Sequence[Tensor], base: Tensor, dim: int) -> bool:
-    """Whether ``parts`` are ``base``'s consecutive slices along ``dim``, covering it all."""
-    if base.dim() != parts[0].dim():
-        return False
-    dim = dim % base.dim()
-    start = 0
-    for part in parts:
-        if part._base is not base or part.stride() != base.stride() or part.dtype != base.dtype:
-            return False
-        if part.shape[:dim] != base.shape[:dim] or part.shape[dim + 1 :] != base.shape[dim + 1 :]:
-            return False
-        if part.size(dim) and part.storage_offset() != base.storage_offset() + start * base.stride(dim):
-            return False
-        start += part.size(dim)
-    return start == base.size(dim)
