@@ -12,6 +12,12 @@ Each factory carries ``input_shape`` (one sample, without the batch dimension) s
 - ``sample_models.video:video_tiny``: Conv3d-BN3d.
 - ``sample_models.fused:bn_act_net``: a ``BatchNormAct2d``-style subclass whose forward
   adds an activation.
+
+``ZOO`` names ``sample_models.zoo``: small models of the families users bring, with their
+habits (in-place activations and ``out += identity`` on BatchNorm outputs, fused BN
+subclasses, BatchNorm on pooled 1x1 maps, frozen BatchNorm): ResNet (BasicBlock and
+Bottleneck), MobileNetV3, EfficientNet, DenseNet, DeepLabV3's ASPP, U-Net, a 3-D video
+ResNet, a detection backbone with frozen BN, and a BatchNorm1d MLP head.
 """
 
 from __future__ import annotations
@@ -30,6 +36,21 @@ SAMPLES = {
     "bn_act_net": "sample_models.fused:bn_act_net",
 }
 DEFAULT_SAMPLE = SAMPLES["mixed_net"]
+ZOO = {
+    name: f"sample_models.zoo:{name}"
+    for name in (
+        "resnet_basic",
+        "resnet_bottleneck",
+        "mobilenet_v3",
+        "efficientnet",
+        "densenet",
+        "deeplab_aspp",
+        "unet",
+        "video_resnet3d",
+        "detection_backbone",
+        "mlp_head",
+    )
+}
 
 
 def example_input(*shape: int) -> Callable[[F], F]:
