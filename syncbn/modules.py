@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -18,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from syncbn.comm.distributed import active_process_group
 from syncbn.comm.threads import replica_context
 from syncbn.functional import sync_batch_norm
-from syncbn.synchronized import Synchronized, check_bound
+from syncbn.synchronized import Synchronized, check_bound, scripted_as, traced_call
 
 
 class SyncBatchNorm(Synchronized, _BatchNorm):
@@ -55,8 +56,10 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
     # Only replica 0 ever writes its buffers (forward below, syncbn.functional), so
     # replicas on the master's device may read the master's instead of copies.
     _syncbn_replicas_read_buffers_only = True
-    # Class-level default: converted modules are made without calling __init__.
-    process_group: dist.ProcessGroup | None = None
+    # Class-level default: converted modules are made without calling __init__. Not an
+    # annotation: TorchScript would try to type it, and its forward never reads it.
+    process_group = None
+    __jit_ignored_attributes__ = ["process_group"]
 
     def __init__(
         self,
@@ -79,6 +82,17 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles nn.BatchNorm's forward: nothing to synchronize with there
+            return self._plain_forward(input)
+        return self._synchronized_forward(input)
+
+    _plain_forward = scripted_as(_BatchNorm.forward)
+
+    @torch.jit.unused
+    def _synchronized_forward(self, input: Tensor) -> Tensor:
+        traced = traced_call(self, input)
+        if traced is not None:
+            return traced
         self._check_input_dim(input)
         replica = replica_context(self)
         synchronized_peers = replica is not None and replica.world_size > 1

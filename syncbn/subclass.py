@@ -4,22 +4,26 @@ Model zoos ship classes such as ``BatchNormAct2d``: a ``nn.BatchNorm2d`` subclas
 ``forward`` calls ``F.batch_norm`` and then an activation. Replacing such a layer by a
 plain SyncBN would silently drop the activation. Instead the instance keeps its class's
 ``forward`` and gets a synchronized subclass of it (``Synchronized<Name>``): while that
-forward runs inside a replica, its call to ``torch.nn.functional.batch_norm`` on its own
-parameters and buffers is routed to ``syncbn.functional.sync_batch_norm``.
+forward runs in a synchronized context, its call to ``torch.nn.functional.batch_norm`` on
+its own parameters and buffers is routed to ``syncbn.functional.sync_batch_norm``.
 
-The routing hook is installed into ``torch.nn.functional`` the first time such a class
-is made; outside a synchronized forward it forwards straight to torch's function. A
-forward that computes batch statistics some other way would stay unsynchronized, so
-that raises instead of passing silently.
+The router stands in ``torch.nn.functional.batch_norm`` only while such a forward runs
+(anywhere in the process); every other call it passes straight to torch's function, and
+otherwise torch's own function is in place, so code that does not use syncbn never sees
+it. A forward that computes batch statistics some other way would stay unsynchronized,
+so that raises instead of passing silently.
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,7 +32,7 @@ from syncbn.comm.distributed import active_process_group
 from syncbn.comm.threads import ReplicaContext, replica_context
 from syncbn.errors import SyncBNError
 from syncbn.functional import sync_batch_norm, torch_batch_norm
-from syncbn.synchronized import Synchronized, check_bound
+from syncbn.synchronized import Synchronized, check_bound, describe, scripted_as, traced_call
 
 
 @dataclass
@@ -54,13 +58,31 @@ def _layer_stack() -> list[_ActiveLayer]:
 
 def _routing_batch_norm(
     input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
+    running_mean: Optional[Tensor],  # noqa: UP045 - TorchScript reads these annotations
+    running_var: Optional[Tensor],  # noqa: UP045
+    weight: Optional[Tensor] = None,  # noqa: UP045
+    bias: Optional[Tensor] = None,  # noqa: UP045
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+) -> Tensor:
+    # Scripted while it stands in for torch's function (another thread's synchronized
+    # forward): TorchScript compiles this branch, and the routing stays Python.
+    if torch.jit.is_scripting():
+        return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _route(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+@torch.jit.unused
+def _route(
+    input: Tensor,
+    running_mean: Optional[Tensor],  # noqa: UP045
+    running_var: Optional[Tensor],  # noqa: UP045
+    weight: Optional[Tensor],  # noqa: UP045
+    bias: Optional[Tensor],  # noqa: UP045
+    training: bool,
+    momentum: float,
+    eps: float,
 ) -> Tensor:
     stack = _active_layers.get() or ()
     layer = stack[-1] if stack else None
@@ -86,6 +108,31 @@ def _is_own_call(module: nn.Module, running_mean: Tensor | None, weight: Tensor 
     return (running_mean is None or running_mean is module.running_mean) and (weight is None or weight is module.weight)
 
 
+class _Router:
+    """Puts ``_routing_batch_norm`` in ``torch.nn.functional`` while at least one synchronized forward runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._replaced: Any = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._replaced = F.batch_norm  # torch's, or whatever else stood there
+                F.batch_norm = _routing_batch_norm
+            self._users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                F.batch_norm = self._replaced
+
+
+_ROUTER = _Router()
+
+
 class _SynchronizedSubclass(Synchronized):
     """Mixin placed before the original class: wraps its forward in batch-norm routing."""
 
@@ -97,8 +144,15 @@ class _SynchronizedSubclass(Synchronized):
         return (_new_synchronized, (self._syncbn_original_class,), self.__dict__)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._synchronized_forward(*args, **kwargs)
+
+    def _synchronized_forward(self, *args: Any, **kwargs: Any) -> Any:
+        traced = traced_call(self, *args, **kwargs)  # type: ignore[arg-type]
+        if traced is not None:
+            return traced
         replica = replica_context(self)  # type: ignore[arg-type]
-        if self.training or self.running_mean is None:  # type: ignore[attr-defined]
+        needs_batch_statistics = self.training or self.running_mean is None  # type: ignore[attr-defined]
+        if needs_batch_statistics:
             check_bound(self, replica is not None)  # type: ignore[arg-type]
         if replica is not None and replica.world_size == 1:
             replica = None
@@ -109,18 +163,30 @@ class _SynchronizedSubclass(Synchronized):
         stack = _layer_stack()
         stack.append(layer)
         try:
-            output = super().forward(*args, **kwargs)  # type: ignore[misc]
+            with _ROUTER:
+                output = super().forward(*args, **kwargs)  # type: ignore[misc]
         finally:
             stack.pop()
-        needs_batch_statistics = self.training or self.running_mean is None  # type: ignore[attr-defined]
         if needs_batch_statistics and layer.routed_calls == 0:
-            name = replica.layer if replica is not None else type(self).__name__
             raise SyncBNError(
-                f"layer '{name}' ({self._syncbn_original_class.__name__}) computed its output "
+                f"layer {describe(self)} ({self._syncbn_original_class.__name__}) computed its output "  # type: ignore[arg-type]
                 "without calling torch.nn.functional.batch_norm on its own buffers, so its statistics "
                 "cannot be synchronized; revert it with syncbn.revert_model or call F.batch_norm in its forward"
             )
         return output
+
+
+class _ScriptableSynchronizedSubclass(_SynchronizedSubclass):
+    """For a forward of one tensor (most BN subclasses): TorchScript compiles the original class's forward."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # nothing to synchronize with in TorchScript
+            return self._plain_forward(input)
+        return self._synchronized_one(input)
+
+    @torch.jit.unused
+    def _synchronized_one(self, input: Tensor) -> Tensor:
+        return self._synchronized_forward(input)
 
 
 def _new_synchronized(original_class: type[nn.Module]) -> nn.Module:
@@ -140,19 +206,29 @@ def synchronized_class(cls: type[nn.Module]) -> type[nn.Module]:
         >>> synchronized_class(BatchNormReLU).__name__
         'SynchronizedBatchNormReLU'
     """
-    _install_routing()
+    mixin = _ScriptableSynchronizedSubclass if _takes_one_tensor(cls.forward) else _SynchronizedSubclass
     return type(
         f"Synchronized{cls.__name__}",
-        (_SynchronizedSubclass, cls),
-        {"_syncbn_original_class": cls, "__module__": cls.__module__, "__doc__": cls.__doc__},
+        (mixin, cls),
+        {
+            "_syncbn_original_class": cls,
+            "_plain_forward": scripted_as(cls.forward),
+            "__module__": cls.__module__,
+            "__doc__": cls.__doc__,
+        },
     )
+
+
+def _takes_one_tensor(forward: Any) -> bool:
+    """Whether ``forward(self, x)`` takes exactly one argument (and no ``*args``/``**kwargs``)."""
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len(parameters) == 1 and parameters[0].kind in positional
 
 
 def is_synchronized_subclass(module: nn.Module) -> bool:
     """Whether ``module``'s class was made by ``synchronized_class``."""
     return isinstance(module, _SynchronizedSubclass)
-
-
-def _install_routing() -> None:
-    if F.batch_norm is not _routing_batch_norm:
-        F.batch_norm = _routing_batch_norm

@@ -8,6 +8,11 @@ that errors raised far from the model (in another process, say) can name it.
 
 from __future__ import annotations
 
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 from syncbn.comm.threads import current_replica
@@ -92,3 +97,41 @@ def check_bound(module: nn.Module, bound: bool) -> None:
             "DataParallel instead, torch.compile(syncbn.DataParallel(model)); a layer held in a plain "
             "attribute, list or closure: register it as a submodule)"
         )
+
+
+def traced_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Under FX symbolic tracing, ``module``'s call as one graph node, as ``nn.BatchNorm``'s is; else None.
+
+    FX keeps torch's own layers as calls of the module (leaves) but traces into ours;
+    traced into, a SyncBN would become a plain ``F.batch_norm`` in the graph and lose its
+    synchronization. As a call of the module, the graph runs the module itself.
+    """
+    fx = sys.modules.get("torch.fx")
+    if fx is None or not args or not isinstance(args[0], fx.Proxy):
+        return None
+    tracer = args[0].tracer
+    try:
+        path = tracer.path_of_module(module)
+    except NameError:
+        return None
+    if not path:  # the traced root itself: traced through, as torch's own layers are
+        return None
+    return tracer.create_proxy("call_module", path, args, kwargs)
+
+
+def scripted_as(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward``, renamed ``_plain_forward``: what TorchScript compiles for a synchronized class.
+
+    TorchScript names a compiled method after its function, and ``forward`` is taken by
+    the synchronized forward; the copy has the same code, so the same source.
+
+    Example:
+        >>> scripted_as(nn.BatchNorm2d.forward).__name__
+        '_plain_forward'
+    """
+    copy = types.FunctionType(
+        forward.__code__, forward.__globals__, "_plain_forward", forward.__defaults__, forward.__closure__
+    )
+    copy.__kwdefaults__ = forward.__kwdefaults__
+    copy.__annotations__ = dict(forward.__annotations__)
+    return copy
