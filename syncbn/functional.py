@@ -16,7 +16,7 @@ backward (two per-channel gradient sums).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -25,9 +25,16 @@ from torch import Tensor
 
 from syncbn import kernels
 from syncbn._functions import _SyncBatchNormFunction
-from syncbn.comm.threads import ReplicaContext, merge_replica_statistics
+from syncbn.comm.replica_context import ReplicaContext
 from syncbn.shards import join_batch, split_batch
-from syncbn.stats import BatchStatistics, check_count, compute_dtype, reduced_dims, update_running_statistics
+from syncbn.stats import (
+    BatchStatistics,
+    check_count,
+    compute_dtype,
+    merge_statistics,
+    reduced_dims,
+    update_running_statistics,
+)
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
 # unsynchronized path must still reach torch's own kernel.
@@ -79,8 +86,8 @@ def sync_batch_norm(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training and replica is not None and replica.world_size > 1:
         shard = _Shard(input, running_mean, running_var, weight, bias, momentum, eps)
-        if replica.group.shared_device:
-            return replica.group.exchange(replica.rank, replica.layer, shard, _normalize_together)[replica.rank]
+        if replica.rendezvous.one_device:
+            return replica.rendezvous.exchange(replica.rank, replica.layer, shard, _normalize_together)[replica.rank]
         target = _gradient_target(input)
         local = _local_statistics(target, input)
         merged = _exchange_statistics(replica, _Post(local, weight, bias))
@@ -187,7 +194,7 @@ def _merge_posts(posts: list[_Post]) -> _Merged:
 
 def _exchange_statistics(replica: ReplicaContext, post: _Post) -> _Merged:
     """This replica's share of the merge of every replica's post, on its own device."""
-    merged = replica.group.exchange(replica.rank, replica.layer, post, _merge_posts)
+    merged = replica.rendezvous.exchange(replica.rank, replica.layer, post, _merge_posts)
     return merged.to(post.statistics.mean.device)
 
 
@@ -226,7 +233,7 @@ def _normalize_with(
 
 
 # Replicas on different devices: two Functions per replica, joined by the differentiable
-# merge (syncbn.comm.threads). Autograd sums their two contributions to the input
+# merge (``_MergeFunction``). Autograd sums their two contributions to the input
 # gradient, so each must be small where the sum is: the normalize Function gives the
 # shard's own BatchNorm backward (dy less its local means) and hands the rest, a small
 # correction affine in x, to the statistics Function through the local (mean, M2). With
@@ -377,3 +384,41 @@ class _Float32GradientFunction(torch.autograd.Function):
 def _per_channel(vector: Tensor, input: Tensor) -> Tensor:
     """A float64 ``(C,)`` vector shaped to broadcast against ``(N, C, *)`` input."""
     return vector.double().view(1, -1, *([1] * (input.dim() - 2)))
+
+
+def merge_replica_statistics(parts: list[BatchStatistics]) -> BatchStatistics:
+    """Chan's merge of every replica's statistics, on the first one's device, differentiable."""
+    device = parts[0].mean.device
+    counts = tuple(p.count for p in parts)
+    tensors = [p.mean.to(device) for p in parts] + [p.m2.to(device) for p in parts]
+    mean, m2 = _MergeFunction.apply(counts, *tensors)
+    return BatchStatistics(sum(counts), mean, m2)
+
+
+class _MergeFunction(torch.autograd.Function):
+    """Chan's merge as one autograd node (a dozen small ops would each cost a node).
+
+    forward: ``merge_statistics``. backward, with n = sum n_i:
+    dmean_i = n_i / n * dmean + 2 n_i (mean_i - mean) * dM2, and dM2_i = dM2
+    (the mean's own dependence on mean_i cancels: sum n_i (mean_i - mean) = 0).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, counts: tuple[int, ...], *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        half = len(counts)
+        means, m2s = tensors[:half], tensors[half:]
+        merged = merge_statistics([BatchStatistics(n, m, q) for n, m, q in zip(counts, means, m2s, strict=True)])
+        ctx.counts = counts
+        ctx.save_for_backward(*means, merged.mean)
+        return merged.mean, merged.m2
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_m2: Tensor | None) -> tuple[Tensor | None, ...]:
+        *means, mean = ctx.saved_tensors
+        total = max(sum(ctx.counts), 1)
+        grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
+        grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
+        grad_means = [
+            n / total * grad_mean + 2 * n * (m - mean) * grad_m2 for n, m in zip(ctx.counts, means, strict=True)
+        ]
+        return (None, *grad_means, *(grad_m2 for _ in means))

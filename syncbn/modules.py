@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncbn.comm.distributed import active_process_group
-from syncbn.comm.threads import replica_context
+from syncbn.comm.replica_context import replica_context
 from syncbn.functional import sync_batch_norm
 from syncbn.synchronized import Synchronized, check_bound, scripted_as, traced_call
 

@@ -11,7 +11,7 @@ mean (M2), and merge replicas with the pairwise formula of Chan, Golub & LeVeque
     M2 = sum M2_i + sum n_i (mu_i - mu)^2
 
 A replica's own statistics come from ``syncbn.kernels.batch_statistics``;
-the merge is made of differentiable tensor ops (``syncbn.comm.threads`` wraps it in one
+the merge is made of differentiable tensor ops (``syncbn.functional`` wraps it in one
 autograd node with the same gradient).
 """
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from syncbn.comm.distributed import active_process_group
-from syncbn.comm.threads import ReplicaContext, replica_context
+from syncbn.comm.replica_context import ReplicaContext, replica_context
 from syncbn.errors import SyncBNError
 from syncbn.functional import sync_batch_norm, torch_batch_norm
 from syncbn.synchronized import Synchronized, check_bound, describe, scripted_as, traced_call

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from syncbn.comm.threads import current_replica
+from syncbn.comm.replica_context import current_replica
 from syncbn.errors import SyncBNError
 
 _NAME = "_syncbn_name"

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 import syncbn.functional
-from syncbn.comm.threads import ReplicaContext, ReplicaGroup
+from syncbn.comm.rendezvous import Rendezvous
+from syncbn.comm.replica_context import ReplicaContext
 
 
 class StepResult(NamedTuple):
@@ -74,22 +75,33 @@ def assert_state_equal() -> Callable[..., None]:
     return _assert_state_equal
 
 
+def _use_the_statistics_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make virtual CPU replicas do what replicas on separate devices do: threads, merged statistics."""
+    from syncbn.parallel import data_parallel, parallel_apply
+
+    monkeypatch.setattr(
+        data_parallel, "Rendezvous", lambda world_size, timeout, one_device: Rendezvous(world_size, timeout)
+    )
+    monkeypatch.setattr(parallel_apply, "runs_in_threads", lambda devices: True)
+
+
+@pytest.fixture
+def statistics_way(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """``statistics_way()``: from now on, replicas run in threads and merge statistics, as on separate devices."""
+    return lambda: _use_the_statistics_way(monkeypatch)
+
+
 @pytest.fixture(params=["whole-batch", "statistics"])
 def in_process_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways replicas of one process meet, on the CPU.
 
-    "whole-batch": what replicas sharing a device do (the last to arrive normalizes the
-    joined shards at once); "statistics": what replicas on different devices do (each
-    normalizes its shard with merged statistics), forced here on the CPU.
+    "whole-batch": what replicas sharing a device do (greenlets; the last to arrive
+    normalizes the joined shards at once); "statistics": what replicas on different
+    devices do (threads; each normalizes its shard with merged statistics), forced here
+    on the CPU.
     """
     if request.param == "statistics":
-        from syncbn.parallel import data_parallel
-
-        monkeypatch.setattr(
-            data_parallel,
-            "ReplicaGroup",
-            lambda world_size, timeout, shared_device: ReplicaGroup(world_size, timeout, shared_device=False),
-        )
+        _use_the_statistics_way(monkeypatch)
     return request.param
 
 
@@ -125,7 +137,7 @@ def broken_sync(monkeypatch: pytest.MonkeyPatch) -> None:
 def failing_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every SyncBN rendezvous raises ``RuntimeError("rendezvous lost")``."""
 
-    def fail(self: ReplicaGroup, *args: object) -> object:
+    def fail(self: Rendezvous, *args: object) -> object:
         raise RuntimeError("rendezvous lost")
 
-    monkeypatch.setattr(ReplicaGroup, "exchange", fail)
+    monkeypatch.setattr(Rendezvous, "exchange", fail)

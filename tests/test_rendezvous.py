@@ -1,4 +1,4 @@
-"""A replica that fails, skips a layer or stalls must never hang its peers."""
+"""A replica that fails, skips a layer or stalls must never hang its peers; one that computes is never given up on."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import syncbn
-from syncbn.comm.threads import ReplicaGroup, ThreadModes
-from syncbn.parallel import data_parallel
+from syncbn.comm.rendezvous import Rendezvous as ReplicaGroup
+from syncbn.parallel.replica_threads import ReplicaThreads
+from syncbn.parallel.thread_modes import ThreadModes
 
 
 def run_ranks(group: ReplicaGroup, body) -> dict[int, object]:
@@ -28,13 +29,21 @@ def run_ranks(group: ReplicaGroup, body) -> dict[int, object]:
         else:
             group.finish(rank)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(group.world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-        assert not t.is_alive(), "a replica thread hung"
+    runner = threading.Thread(
+        target=ReplicaThreads().run_replicas, args=([lambda r=r: work(r) for r in range(group.world_size)], group)
+    )
+    runner.start()
+    runner.join(timeout=30)
+    assert not runner.is_alive(), "a replica thread hung"
     return outcomes
+
+
+def busy(seconds: float) -> None:
+    """Compute (use the CPU) for ``seconds``, as a slow healthy forward does."""
+    end = time.monotonic() + seconds
+    x = torch.randn(64, 64)
+    while time.monotonic() < end:
+        x = torch.tanh(x @ x / 64)
 
 
 def test_exchange_combines_once_in_rank_order():
@@ -61,17 +70,37 @@ def test_timeout_names_layer_call_and_arrivals():
 
     def body(rank):
         if rank == 1:
-            time.sleep(1.5)  # arrives after the peer gave up
+            time.sleep(3)  # blocked, not computing: the peer gives up after the timeout
         return group.exchange(rank, "layer1.bn", rank, tuple)
 
     start = time.monotonic()
     outcomes = run_ranks(group, body)
-    assert time.monotonic() - start < 5
-    assert all(isinstance(outcome, syncbn.SyncBNTimeoutError) for outcome in outcomes.values())
+    assert time.monotonic() - start < 2.5  # the caller returned without the blocked replica
+    assert isinstance(outcomes[0], syncbn.SyncBNTimeoutError) and 1 not in outcomes
     message = str(outcomes[0])
     assert "layer 'layer1.bn' call 0" in message
     assert "replicas [0] of 2 arrived" in message
-    assert "replica(s) [1] did not arrive within 0.5 s" in message
+    assert "replica 1 has been blocked in its forward for over 0.5 s without using the CPU" in message
+
+
+@pytest.mark.parametrize("where", ["before", "between", "after"])
+def test_a_replica_computing_longer_than_the_timeout_is_waited_for(where):
+    group = ReplicaGroup(3, timeout=0.3)
+
+    def body(rank):
+        slow = rank == 1
+        if slow and where == "before":
+            busy(1.0)
+        first = group.exchange(rank, "bn1", rank, tuple)
+        if slow and where == "between":
+            busy(1.0)
+        second = group.exchange(rank, "bn2", rank, tuple)
+        if slow and where == "after":
+            busy(1.0)
+        return first, second
+
+    outcomes = run_ranks(group, body)
+    assert outcomes == {rank: ((0, 1, 2), (0, 1, 2)) for rank in range(3)}
 
 
 def test_finished_peer_is_detected_without_waiting_for_timeout():
@@ -170,20 +199,18 @@ class Misbehaving(nn.Module):
         ("raise", ValueError, "replica refused its input"),
         ("skip", syncbn.SyncBNTimeoutError, "every replica must call each SyncBN layer the same number of times"),
         ("twice", syncbn.SyncBNTimeoutError, "every replica must call each SyncBN layer the same number of times"),
-        # replicas take turns: the stalled one holds the turn, so its peers report it
-        ("stall", syncbn.SyncBNTimeoutError, "replica 3 did not reach its next SyncBN call within 1 s"),
+        # blocked (sleeping) for longer than the timeout in its own thread: its peers give up
+        ("stall", syncbn.SyncBNTimeoutError, "replica 3 has been blocked in its forward for over 1 s"),
     ],
 )
 @pytest.mark.parametrize("replicas_run_as", ["greenlets", "threads"])
 def test_misbehaving_replica_fails_every_replica_then_next_forward_works(
-    mode, root_error, text, replicas_run_as, monkeypatch
+    mode, root_error, text, replicas_run_as, statistics_way
 ):
     if replicas_run_as == "threads":  # as replicas on separate devices do
-        monkeypatch.setattr(
-            data_parallel,
-            "ReplicaGroup",
-            lambda world_size, timeout, shared_device: ReplicaGroup(world_size, timeout, shared_device=False),
-        )
+        statistics_way()
+    elif mode == "stall":
+        pytest.skip("greenlets share the caller's thread: a stalled replica stalls the forward, as on one device")
     torch.manual_seed(0)
     model = Misbehaving(mode).double()
     reference = copy.deepcopy(model)
@@ -259,3 +286,63 @@ def test_recomputation_in_backward_says_what_to_do():
     out = dp(torch.randn(4, 3, 8, 8))
     with pytest.raises(syncbn.SyncBNError, match="called after its DataParallel forward ended.*checkpoint"):
         out.sum().backward()
+
+
+class SlowReplica(nn.Module):
+    """One replica (the one given a single sample) computes for 1.2 s before, between or after its BN layers."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.bn1, self.bn2 = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        slow = x.shape[0] == 1
+        if slow and self.where == "before":
+            busy(1.2)
+        x = self.bn1(x)
+        if slow and self.where == "between":
+            busy(1.2)
+        x = self.bn2(x)
+        if slow and self.where == "after":
+            busy(1.2)
+        return x
+
+
+@pytest.mark.parametrize("where", ["before", "between", "after"])
+@pytest.mark.parametrize("replicas_run_as", ["greenlets", "threads"])
+def test_data_parallel_waits_for_a_replica_computing_longer_than_the_timeout(where, replicas_run_as, statistics_way):
+    if replicas_run_as == "threads":
+        statistics_way()
+    model = SlowReplica(where).double()
+    reference = copy.deepcopy(model)
+    dp = syncbn.DataParallel(syncbn.convert_model(model), replicas=3, timeout=0.5)
+    x = torch.randn(5, 3, dtype=torch.float64)  # shards of 2, 2 and 1
+    torch.testing.assert_close(dp(x), reference(x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_replica_blocked_forever_fails_the_forward_after_the_timeout_and_is_abandoned(statistics_way):
+    statistics_way()  # its own thread: replicas on separate devices
+    release = threading.Event()
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            x = self.bn(x)
+            if x.shape[0] == 1:
+                release.wait()  # blocked in user code, with no end in sight
+            return x
+
+    dp = syncbn.DataParallel(syncbn.convert_model(Blocks()), replicas=3, timeout=0.5)
+    start = time.monotonic()
+    try:
+        with pytest.raises(syncbn.SyncBNTimeoutError, match="replica 2 has been blocked") as caught:
+            dp(torch.randn(5, 3))
+        assert time.monotonic() - start < 5
+        assert "replica 2: still blocked in its forward; its thread was abandoned" in caught.value.__notes__
+    finally:
+        release.set()  # let the abandoned thread end
+    torch.testing.assert_close(dp(torch.ones(6, 3)), torch.zeros(6, 3))  # the next forward works

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import syncbn
-from syncbn.comm.threads import ReplicaGroup
+from syncbn.comm.rendezvous import Rendezvous
 from syncbn.parallel.parallel_apply import current_replica
-from syncbn.parallel.replica_greenlets import run_in_turns
+from syncbn.parallel.replica_greenlets import run_greenlets
 
 
 class RecordAroundBatchNorm(nn.Module):
@@ -115,29 +115,30 @@ def test_nested_data_parallel_replicas_see_their_own_ranks():
     assert out.tolist() == [[inner, outer] for outer in (0.0, 1.0) for inner in (0.0, 0.0, 1.0, 1.0)]
 
 
-def test_a_replica_that_waits_holding_its_turn_gets_an_error_not_a_loop():
-    group = ReplicaGroup(2, timeout=5.0)
+def test_a_replica_switching_greenlets_in_its_forward_gets_an_error_not_a_loop():
+    rendezvous = Rendezvous(2, timeout=5.0)
     errors = {}
 
     def replica(rank: int) -> None:
         try:
-            group.begin(rank)
             if rank == 0:
-                greenlet.getcurrent().parent.switch()  # waits without handing the turn on
-            group.finish(rank)
+                greenlet.getcurrent().parent.switch()  # as gevent-style code inside a forward would
+            rendezvous.finish(rank)
         except BaseException as error:  # noqa: BLE001 - what a replica does
             errors[rank] = error
-            group.fail(rank, error)
+            rendezvous.fail(rank, error)
 
-    run_in_turns([lambda: replica(0), lambda: replica(1)], group, ["cpu"])
-    assert "waited while holding its turn" in str(errors[0])
-    assert isinstance(errors[1], syncbn.SyncBNPeerError)
+    run_greenlets([lambda: replica(0), lambda: replica(1)], rendezvous, ["cpu"])
+    assert "replica 0's forward switched to another greenlet outside a SyncBN call" in str(errors[0])
+    assert 1 not in errors
 
 
-def test_a_replica_that_ends_without_reporting_is_an_error_not_a_loop():
-    group = ReplicaGroup(2, timeout=5.0)
-    with pytest.raises(RuntimeError, match="replica 0 ended without reporting"):
-        run_in_turns([lambda: None, lambda: None], group, ["cpu"])
+def test_replicas_that_can_never_run_are_an_error_not_a_loop():
+    # Replica 0 waits at a call that replica 1 never makes, and replica 1 ends without
+    # telling the rendezvous (which parallel_apply always does): nobody can run.
+    rendezvous = Rendezvous(2, timeout=5.0)
+    with pytest.raises(RuntimeError, match="every replica waits and none can run"):
+        run_greenlets([lambda: rendezvous.exchange(0, "bn", 0, tuple), lambda: None], rendezvous, ["cpu"])
 
 
 class RecordGreenlet(nn.Module):

@@ -1,4 +1,4 @@
-"""Replica threads (replicas on different devices): pooled between forwards, never shared."""
+"""Replica threads (replicas on different devices): pooled between forwards, never shared, in turns."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ import weakref
 import pytest
 import torch
 
+from syncbn.comm.rendezvous import Rendezvous
 from syncbn.parallel.replica_threads import ReplicaThreads
+
+
+def run(pool: ReplicaThreads, functions) -> list:
+    return pool.run_replicas(list(functions), Rendezvous(len(functions)))
 
 
 def record_threads(pool: ReplicaThreads, count: int) -> list[threading.Thread]:
     seen: list[threading.Thread] = []
-    pool.run([lambda: seen.append(threading.current_thread())] * count)
+    run(pool, [lambda: seen.append(threading.current_thread())] * count)
     return seen
 
 
@@ -27,24 +32,30 @@ def test_runs_reuse_the_same_daemon_threads_and_never_the_callers():
     assert all(thread.daemon for thread in first)
 
 
-def test_wait_runs_on_the_caller_while_the_functions_run():
-    pool = ReplicaThreads()
-    started = threading.Event()
-    waited = []
-    pool.run([lambda: started.set()], wait=lambda: waited.append(started.wait(timeout=30)))
-    assert waited == [True]
+def test_replicas_of_one_run_take_turns_in_rank_order():
+    order: list[int] = []
+    running = []
+
+    def replica(rank: int) -> None:
+        running.append(rank)
+        assert len(running) == 1, "two replicas ran at once"
+        order.append(rank)
+        running.remove(rank)
+
+    run(ReplicaThreads(), [lambda r=r: replica(r) for r in range(4)])
+    assert order == [0, 1, 2, 3]
 
 
 def test_runs_at_once_never_share_a_thread():
     pool = ReplicaThreads()
-    barrier = threading.Barrier(4, timeout=30)  # all four functions run at the same time
+    barrier = threading.Barrier(2, timeout=30)  # one replica of each run at the same time
     owners: dict[str, set[threading.Thread]] = {"a": set(), "b": set()}
 
     def function(name: str) -> None:
         owners[name].add(threading.current_thread())
         barrier.wait()
 
-    callers = [threading.Thread(target=pool.run, args=([lambda n=name: function(n)] * 2,)) for name in owners]
+    callers = [threading.Thread(target=run, args=(pool, [lambda n=name: function(n)] * 2)) for name in owners]
     for caller in callers:
         caller.start()
     for caller in callers:
@@ -74,6 +85,6 @@ def test_parked_threads_keep_nothing_of_the_last_run_alive():
     pool = ReplicaThreads()
     batch = torch.randn(4, 3)
     alive = weakref.ref(batch)
-    pool.run([lambda batch=batch: batch.sum()] * 2)
+    run(pool, [lambda batch=batch: batch.sum()] * 2)
     del batch
     assert alive() is None

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncbn.comm.threads import _MergeFunction
+from syncbn.functional import _MergeFunction
 from syncbn.kernels import SMALL, batch_statistics
 from syncbn.stats import BatchStatistics, merge_statistics
 

@@ -24,14 +24,20 @@ class BatchNormReLU(nn.BatchNorm2d):
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, factor, self.eps)
+        stats = (self.running_mean, self.running_var)
+        x = F.batch_norm(x, *stats, self.weight, self.bias, self.training, factor, self.eps)
         return F.relu(x)
 
 
 def plain_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), BatchNormReLU(4), nn.Flatten(), nn.Linear(64, 6), nn.BatchNorm1d(6)
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        BatchNormReLU(4),
+        nn.Flatten(),
+        nn.Linear(64, 6),
+        nn.BatchNorm1d(6),
     )
     with torch.no_grad():  # non-trivial running statistics, so that eval mode is tested
         for module in model.modules():

@@ -26,8 +26,6 @@ import sample_models
 import syncbn
 from sample_models import zoo
 from sample_models.zoo.layers import BatchNormAct2d, DropPath, FrozenBatchNorm2d, drop_path
-from syncbn.comm.threads import ReplicaGroup
-from syncbn.parallel import data_parallel
 from syncbn.synchronized import is_synchronized
 from syncbn_cli.io import build_from_factory
 from syncbn_cli.main import app
@@ -64,16 +62,10 @@ FIRST_TRAINING_BN = {
 runner = CliRunner()
 
 
-@pytest.fixture(params=["whole-batch", "statistics"])
-def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture
+def way(in_process_way: str) -> str:
     """Both in-process ways: joined shards (virtual replicas) and merged statistics (forced)."""
-    if request.param == "statistics":
-        monkeypatch.setattr(
-            data_parallel,
-            "ReplicaGroup",
-            lambda world_size, timeout, shared_device: ReplicaGroup(world_size, timeout, shared_device=False),
-        )
-    return request.param
+    return in_process_way
 
 
 def factory(name: str) -> Callable[[], nn.Module]:

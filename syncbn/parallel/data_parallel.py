@@ -1,7 +1,7 @@
 """``DataParallel``: one process, R replicas in threads, SyncBN statistics shared.
 
 Per forward: scatter the batch, replicate the module, bind every synchronized layer of
-every replica to a fresh ``ReplicaGroup``, run the replicas in threads, gather. R
+every replica to a fresh ``Rendezvous``, run the replicas, gather. R
 replicas may be CUDA devices or R *virtual* replicas on one device (the CPU of a
 laptop), which share the master's parameters.
 """
@@ -14,20 +14,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from syncbn.comm.threads import ReplicaContext, ReplicaGroup, bind_replica
+from syncbn.comm.rendezvous import Rendezvous
+from syncbn.comm.replica_context import ReplicaContext, bind_replica
 from syncbn.parallel.parallel_apply import parallel_apply
 from syncbn.parallel.replicate import check_on_device, check_replicable, replicate
 from syncbn.parallel.scatter_gather import gather, scatter_arguments
 from syncbn.synchronized import is_synchronized
 
 
-def bind_replicas(master: nn.Module, replicas: Sequence[nn.Module], group: ReplicaGroup) -> None:
-    """Give each synchronized layer of each replica its rank in ``group`` and its layer name."""
+def bind_replicas(master: nn.Module, replicas: Sequence[nn.Module], rendezvous: Rendezvous) -> None:
+    """Give each synchronized layer of each replica its rendezvous, its rank and its layer name."""
     names = [name for name, m in master.named_modules() if is_synchronized(m)]
     for rank, replica in enumerate(replicas):
         layers = [m for m in replica.modules() if is_synchronized(m)]
         for name, layer in zip(names, layers, strict=True):
-            bind_replica(layer, ReplicaContext(group, rank, name or "<root>"))
+            bind_replica(layer, ReplicaContext(rendezvous, rank, name or "<root>"))
 
 
 def run_synchronized(
@@ -38,10 +39,10 @@ def run_synchronized(
     devices: Sequence[torch.device],
     timeout: float,
 ) -> list[Any]:
-    """Bind ``replicas`` (copies of ``module``) to a new group and run them in threads."""
-    group = ReplicaGroup(len(replicas), timeout, shared_device=len(set(devices)) == 1)
-    bind_replicas(module, replicas, group)
-    return parallel_apply(replicas, args, kwargs, devices, group)
+    """Bind ``replicas`` (copies of ``module``) to a new rendezvous and run them."""
+    rendezvous = Rendezvous(len(replicas), timeout, one_device=len(set(devices)) == 1)
+    bind_replicas(module, replicas, rendezvous)
+    return parallel_apply(replicas, args, kwargs, devices, rendezvous)
 
 
 class DataParallel(nn.Module):
@@ -62,8 +63,11 @@ class DataParallel(nn.Module):
         dim: the batch dimension inputs are split along. Default: 0.
         replicas: number of replicas, placed round-robin on ``device_ids`` (so several
             may share one device). Default: one per device.
-        timeout: seconds a replica waits for its peers at a SyncBN layer before raising
-            ``SyncBNTimeoutError``. Default: 60.
+        timeout: seconds a replica on its own device may stay blocked in its forward
+            (not computing: on a lock, a queue, a sleep or I/O) before its peers raise
+            ``SyncBNTimeoutError`` and the forward fails; computing never times out.
+            Replicas sharing a device run on the caller's thread, where a blocked one
+            blocks the forward as it would on one device. Default: 60.
 
     Shape:
         Inputs are split into ``replicas`` shards along ``dim`` (sizes differ by at most
@@ -152,7 +156,7 @@ def patch_replication_callback(data_parallel: nn.DataParallel) -> nn.DataParalle
     """Make an existing ``nn.DataParallel`` synchronize the SyncBN layers of its module.
 
     It keeps torch's own scatter, replication and gather, and replaces only how the
-    replicas run: in threads bound to one ``ReplicaGroup`` (60 s timeout). Prefer
+    replicas run: bound to one ``Rendezvous`` (60 s timeout). Prefer
     ``syncbn.DataParallel``, which also runs on the CPU.
 
     Returns:

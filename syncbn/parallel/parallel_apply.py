@@ -1,19 +1,15 @@
-"""Run R replicas of one forward, tied together by a ``ReplicaGroup``.
+"""Run R replicas of one forward, tied together by a ``Rendezvous``.
 
 Replicas that share a device (virtual CPU replicas, or several on one GPU) run as
-greenlets on the caller's thread (``syncbn.parallel.replica_greenlets``); replicas on
-different devices run in pooled OS threads (``syncbn.parallel.replica_threads``), each
-with the caller's grad mode and autocast state (both are thread-local in torch) and its
-device selected. When a replica raises, the group is told at once so that peers waiting
-at a SyncBN rendezvous stop waiting; the error re-raised to the caller is the root
-cause, never a peer's "somebody else failed", and it carries a note of what every
-replica did.
+greenlets on the caller's thread (``replica_greenlets``); replicas on different devices
+run in pooled threads (``replica_threads``), each with the caller's grad mode and
+autocast state and its own device selected. Either way one replica runs at a time, so
+R replicas never oversubscribe the cores: on a CPU, every replica's ops run on the
+caller's thread with its intra-op threads, as ``nn.BatchNorm`` on the whole batch would.
 
-Thread policy (R replicas on few cores, never oversubscribed): replicas take turns, one
-running at a time (see ``syncbn.comm.threads``). Replicas sharing the CPU all run on the
-caller's thread, so their ops use the caller's intra-op threads
-(``torch.get_num_threads()``), exactly as ``nn.BatchNorm`` on the whole batch would,
-and no other thread exists to compete for the cores.
+When a replica raises, the rendezvous is told at once so that its peers stop waiting;
+the error re-raised to the caller is the root cause, never a peer's "somebody else
+failed", with a note of how every replica ended.
 """
 
 from __future__ import annotations
@@ -27,11 +23,13 @@ import greenlet
 import torch
 from torch import nn
 
-from syncbn.comm.threads import ReplicaGroup, ThreadModes, running_replica
-from syncbn.comm.threads import current_replica as current_replica  # re-exported
+from syncbn.comm.rendezvous import Rendezvous
+from syncbn.comm.replica_context import current_replica as current_replica  # re-exported
+from syncbn.comm.replica_context import running_replica
 from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
-from syncbn.parallel.replica_greenlets import run_in_turns
+from syncbn.parallel.replica_greenlets import run_greenlets
 from syncbn.parallel.replica_threads import POOL
+from syncbn.parallel.thread_modes import ThreadModes
 
 
 def parallel_apply(
@@ -39,9 +37,9 @@ def parallel_apply(
     args: Sequence[tuple[Any, ...]],
     kwargs: Sequence[dict[str, Any]],
     devices: Sequence[torch.device],
-    group: ReplicaGroup,
+    rendezvous: Rendezvous,
 ) -> list[Any]:
-    """Call ``replicas[i](*args[i], **kwargs[i])`` for every i, each as its own thread or greenlet.
+    """Call ``replicas[i](*args[i], **kwargs[i])`` for every i, as greenlets or threads (see above).
 
     Returns:
         The outputs in replica order.
@@ -51,27 +49,22 @@ def parallel_apply(
         timeout), with one note per replica saying how it ended.
 
     Example:
-        >>> import torch
-        >>> from torch import nn
         >>> cpu = torch.device("cpu")
         >>> outs = parallel_apply([nn.Identity()] * 2, [(torch.ones(1),), (torch.zeros(1),)],
-        ...                       [{}, {}], [cpu, cpu], ReplicaGroup(2))
+        ...                       [{}, {}], [cpu, cpu], Rendezvous(2))
         >>> [o.item() for o in outs]
         [1.0, 0.0]
     """
     results: list[Any] = [None] * len(replicas)
     errors: list[BaseException | None] = [None] * len(replicas)
-    # The group says whether its replicas share a device (DataParallel sets it so); a group
-    # that does not (tests use one on the CPU) gets the threads that separate devices need.
-    shared_device = group.shared_device and len(set(devices)) == 1
+    in_threads = runs_in_threads(devices)
     # A thread enters the caller's modes and its own device; a greenlet runs in both already.
-    modes = None if shared_device else ThreadModes.capture({device.type for device in devices})
+    modes = ThreadModes.capture({device.type for device in devices}) if in_threads else None
 
     def work(rank: int) -> None:
         device = devices[rank]
         token = running_replica.set(rank)
         try:
-            group.begin(rank)
             with contextlib.ExitStack() as entered:
                 if modes is not None:
                     entered.enter_context(modes.entered(device.type))
@@ -82,25 +75,39 @@ def parallel_apply(
             raise
         except BaseException as error:  # noqa: BLE001 - handed to the caller below
             errors[rank] = error
-            group.fail(rank, error)
+            rendezvous.fail(rank, error)
         else:
-            group.finish(rank)
+            rendezvous.finish(rank)
         finally:
             running_replica.reset(token)
 
     functions = [functools.partial(work, rank) for rank in range(len(replicas))]
-    if shared_device:
+    if in_threads:
+        outcomes = POOL.run_replicas(functions, rendezvous)
+    else:
         device = devices[0]
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            run_in_turns(functions, group, [device.type])
-    else:
-        POOL.run(functions)
+            run_greenlets(functions, rendezvous, [device.type])
+        outcomes = [None] * len(replicas)
+    for rank, outcome in enumerate(outcomes):
+        if outcome == "abandoned":  # blocked in user code: it has no error of its own to raise
+            errors[rank] = SyncBNTimeoutError(rendezvous.abort_reason or f"replica {rank} was abandoned")
     if any(error is not None for error in errors):
-        raise _root_cause(errors)
+        raise _root_cause(errors, outcomes)
     return results
 
 
-def _root_cause(errors: list[BaseException | None]) -> BaseException:
+def runs_in_threads(devices: Sequence[torch.device]) -> bool:
+    """Whether replicas on ``devices`` run in threads (several devices) rather than greenlets (one).
+
+    Example:
+        >>> runs_in_threads([torch.device("cpu")] * 4)
+        False
+    """
+    return len(set(devices)) > 1
+
+
+def _root_cause(errors: list[BaseException | None], outcomes: list[str | None]) -> BaseException:
     """Pick the error to raise: a replica's own error beats a timeout beats a peer notice."""
 
     def rank_of(error: BaseException) -> int:
@@ -112,9 +119,12 @@ def _root_cause(errors: list[BaseException | None]) -> BaseException:
 
     failed = [(rank, error) for rank, error in enumerate(errors) if error is not None]
     _, root = min(failed, key=lambda item: rank_of(item[1]))
-    for other, error in enumerate(errors):
-        outcome = "finished" if error is None else f"{type(error).__name__}: {error}"
-        _add_note(root, f"replica {other}: {outcome}")
+    for other, (error, outcome) in enumerate(zip(errors, outcomes, strict=True)):
+        if outcome == "abandoned":
+            ended = "still blocked in its forward; its thread was abandoned"
+        else:
+            ended = "finished" if error is None else f"{type(error).__name__}: {error}"
+        _add_note(root, f"replica {other}: {ended}")
     return root
 
 
