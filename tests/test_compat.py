@@ -92,3 +92,30 @@ def test_patch_replication_callback_returns_the_same_data_parallel():
     assert patch_replication_callback(data_parallel) is data_parallel
     with pytest.raises(TypeError, match="nn.DataParallel"):
         patch_replication_callback(nn.Sequential())
+
+
+def test_data_parallel_has_nn_data_parallels_four_seams():
+    # scatter, replicate, parallel_apply and gather are methods a subclass can override.
+    calls = []
+
+    class Recording(syncbn.DataParallel):
+        def scatter(self, inputs, kwargs, devices):
+            calls.append("scatter")
+            return super().scatter(inputs, kwargs, devices)
+
+        def replicate(self, module, devices):
+            calls.append("replicate")
+            return super().replicate(module, devices)
+
+        def parallel_apply(self, replicas, inputs, kwargs):
+            calls.append("parallel_apply")
+            return super().parallel_apply(replicas, inputs, kwargs)
+
+        def gather(self, outputs, output_device):
+            calls.append("gather")
+            return list(outputs)  # keep the replicas' outputs apart
+
+    net = syncbn.convert_model(torch.nn.Sequential(torch.nn.BatchNorm1d(2)))
+    outputs = Recording(net, replicas=2)(torch.randn(6, 2))
+    assert calls == ["scatter", "replicate", "parallel_apply", "gather"]
+    assert [out.shape[0] for out in outputs] == [3, 3]

@@ -111,10 +111,33 @@ class DataParallel(nn.Module):
         if len(devices) == 1:
             check_on_device(self.module, devices[0])
             return self.module(*args, **kwargs)
-        shard_args, shard_kwargs = scatter_arguments(args, kwargs, devices, self.dim)
-        replicas = replicate(self.module, devices)  # checks the module is on devices[0]
-        outputs = run_synchronized(self.module, replicas, shard_args, shard_kwargs, devices, self.timeout)
-        return gather(outputs, self.output_device, self.dim)
+        shard_args, shard_kwargs = self.scatter(args, kwargs, devices)
+        replicas = self.replicate(self.module, devices)
+        outputs = self.parallel_apply(replicas, shard_args, shard_kwargs)
+        return self.gather(outputs, self.output_device)
+
+    # The four steps of a forward, as in nn.DataParallel: the seams a subclass can override.
+
+    def scatter(
+        self, inputs: tuple[Any, ...], kwargs: dict[str, Any], devices: Sequence[torch.device]
+    ) -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
+        """Split positional and keyword arguments into one shard per replica (see ``scatter_gather``)."""
+        return scatter_arguments(inputs, kwargs, devices, self.dim)
+
+    def replicate(self, module: nn.Module, devices: Sequence[torch.device]) -> list[nn.Module]:
+        """One copy of ``module`` per replica; checks that it is on the first replica's device."""
+        return replicate(module, devices)
+
+    def parallel_apply(
+        self, replicas: Sequence[nn.Module], inputs: Sequence[tuple[Any, ...]], kwargs: Sequence[dict[str, Any]]
+    ) -> list[Any]:
+        """Run the replicas, their SyncBN layers bound to one new rendezvous; their outputs in order."""
+        devices = self.replica_devices[: len(replicas)]
+        return run_synchronized(self.module, replicas, inputs, kwargs, devices, self.timeout)
+
+    def gather(self, outputs: Sequence[Any], output_device: torch.device) -> Any:
+        """Join the replicas' outputs on ``output_device`` along ``dim``."""
+        return gather(outputs, output_device, self.dim)
 
     def extra_repr(self) -> str:
         return f"replicas={len(self.replica_devices)}, devices={[str(d) for d in self.device_ids]}"
