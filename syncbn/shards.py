@@ -32,16 +32,21 @@ def split_batch(whole: Tensor, sizes: Sequence[int], dim: int = 0) -> list[Tenso
         >>> shards[0]._base is None, shards[0].tolist()
         (True, [0.0, 1.0, 2.0])
     """
-    return list(_SplitFunction.apply(whole, tuple(sizes), dim % whole.dim()))
+    shards = list(_SplitFunction.apply(whole, tuple(sizes), dim % whole.dim()))
+    for shard in shards:
+        shard._syncbn_version = shard._version  # what join_batch compares with: never changed in place
+    return shards
 
 
 def join_batch(shards: Sequence[Tensor], dim: int = 0, *, private: bool = False) -> Tensor:
     """``torch.cat(shards, dim)``, without the copy when the shards tile one tensor.
 
-    Views that tile one tensor join to that tensor. With ``private=True`` (the caller
-    only reads the result and never hands it out), shards from ``split_batch`` that tile
-    one storage join to a tensor over that memory; their versions are saved, so changing
-    one in place afterwards fails the backward, as changing a saved tensor does in torch.
+    Views that tile one tensor join to that tensor. Shards from ``split_batch`` that tile
+    one storage join to a tensor over that memory when the caller only reads the result
+    (``private=True``), or when nothing else can see them: no other op holds them (saved
+    for its backward, or viewed) and none was changed in place, so that changing the
+    join cannot change what another op saved. Their versions are saved, so changing one
+    in place afterwards fails the backward, as changing a saved tensor does in torch.
     Differentiable.
 
     Example:
@@ -55,7 +60,8 @@ def join_batch(shards: Sequence[Tensor], dim: int = 0, *, private: bool = False)
     base = shards[0]._base
     if base is not None and _views_tile(shards, base, dim):
         return base  # autograd follows views: the base's gradient is theirs, joined
-    return _JoinFunction.apply(dim, private and _shards_tile(shards, dim), *shards)
+    alias = _shards_tile(shards, dim) and (private or all(_unseen(shard) for shard in shards))
+    return _JoinFunction.apply(dim, alias, *shards)
 
 
 class _SplitFunction(torch.autograd.Function):
@@ -112,6 +118,12 @@ class _JoinFunction(torch.autograd.Function):
         if ctx.alias:
             ctx.saved_tensors  # noqa: B018 - raises if a shard changed in place since the join
         return (None, None, *grad.split(ctx.sizes, ctx.dim))
+
+
+def _unseen(shard: Tensor) -> bool:
+    # One reference (its Python object): no op saved it as an input and no view holds it;
+    # its version as made: no in-place op changed it, which is how an op saves it as output.
+    return shard._version == getattr(shard, "_syncbn_version", None) and shard._use_count() == 1
 
 
 def _resized(shape: torch.Size, dim: int, size: int) -> tuple[int, ...]:

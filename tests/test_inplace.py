@@ -219,3 +219,41 @@ def test_unconverted_model_with_inplace_ops_does_not_match():
     plain = syncbn.DataParallel(copy.deepcopy(reference), replicas=2)
     with pytest.raises(AssertionError):
         train_side_by_side(reference, plain, batches(), steps=1)
+
+
+def test_gathered_output_of_a_final_batchnorm_is_not_copied_and_stays_correct():
+    reference = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).double()
+    model = synchronized(reference, 3)
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    out = model(x)
+    out.relu_()  # the caller changes the output in place, as it could on one device
+    want = reference(x).relu_()
+    torch.testing.assert_close(out, want, **EXACT)
+    out.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(model.module[0].weight.grad, reference[0].weight.grad, **EXACT)
+
+
+class SavesItsOutput(nn.Module):
+    """Returns a BN output and a product that saved it for the weight's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x):
+        out = self.bn(x)
+        return out, out * self.scale
+
+
+def test_changing_a_gathered_output_never_changes_what_an_op_saved():
+    # The product saved the replicas' BN outputs; the gathered output must not share their
+    # memory, or changing it would silently change the scale's gradient.
+    model = synchronized(SavesItsOutput().double(), 2)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    out, product = model(x)
+    expected = out.detach().clone()
+    out.add_(100.0)
+    product.sum().backward()
+    torch.testing.assert_close(model.module.scale.grad, expected.sum(), **EXACT)
