@@ -41,8 +41,18 @@ from syncbn.convert import convert_model
 from syncbn.launch import run_on_processes
 from syncbn.parallel import DataParallel
 from syncbn.parallel.scatter_gather import shard_sizes as _shard_sizes
+from syncbn.workload import (
+    Shape,
+    check_memory,
+    default_replicas,
+    dtype_name,
+    format_shape,
+    is_out_of_memory,
+    tensor_bytes,
+)
+from syncbn.workload import parse_shape as _parse_shape
+from syncbn.workload import parse_shapes as _parse_shapes
 
-Shape = tuple[int, ...]
 # progress(done, total, description): called before each round of measurements and once at the end.
 Progress = Callable[[int, int, str], None]
 
@@ -53,7 +63,6 @@ DEFAULT_MODEL_BATCH = 32
 # machine, and the default suite still takes well under a minute there.
 DEFAULT_REPEATS = 10
 DEFAULT_WARMUP = 2
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 REFERENCE = "nn.BatchNorm"
 SYNCBN = "SyncBN"
 UNSYNCED = "unsynced BN"
@@ -153,36 +162,26 @@ class BenchReport:
         }
 
 
+# A shape of ``--shapes``: the full batch N, channels C and up to three spatial sizes.
+SHAPE_DIMS = (2, 5)
+SHAPE_EXAMPLE = "32x64x56x56"
+
+
 def parse_shape(text: str) -> Shape:
-    """Parse one input shape written ``NxCx...`` (2 to 5 positive dimensions).
+    """Parse one input shape written ``NxCx...`` (2 to 5 positive sizes; see ``syncbn.workload.parse_shape``).
 
     Two or three dimensions are measured with BatchNorm1d, four with BatchNorm2d, five
     with BatchNorm3d.
 
-    Raises:
-        ValueError: the text is not 2 to 5 positive integers joined by ``x``.
-
     Example:
         >>> parse_shape("32x64x56x56")
         (32, 64, 56, 56)
-        >>> parse_shape("256x1024")
-        (256, 1024)
         >>> parse_shape("32x0")
         Traceback (most recent call last):
         ...
-        ValueError: malformed shape '32x0': dimensions must be positive integers, like 32x64x56x56
+        ValueError: malformed shape '32x0': sizes must be positive integers, like 32x64x56x56
     """
-    parts = text.strip().lower().split("x")
-    if not all(part.strip().isdigit() for part in parts):
-        raise ValueError(f"malformed shape {text!r}: expected integers joined by 'x', like 32x64x56x56 or 256x1024")
-    shape = tuple(int(part) for part in parts)
-    if not 2 <= len(shape) <= 5:
-        raise ValueError(
-            f"malformed shape {text!r}: expected 2 to 5 dimensions (N, C and up to 3 spatial), got {len(shape)}"
-        )
-    if min(shape) < 1:
-        raise ValueError(f"malformed shape {text!r}: dimensions must be positive integers, like 32x64x56x56")
-    return shape
+    return _parse_shape(text, dims=SHAPE_DIMS, example=SHAPE_EXAMPLE)
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -192,32 +191,7 @@ def parse_shapes(text: str) -> list[Shape]:
         >>> parse_shapes("4x3x5x5, 8x16")
         [(4, 3, 5, 5), (8, 16)]
     """
-    items = [item for item in text.split(",") if item.strip()]
-    if not items:
-        raise ValueError(f"no shapes in {text!r}: expected e.g. 32x64x56x56,256x1024")
-    return [parse_shape(item) for item in items]
-
-
-def format_shape(shape: Sequence[int]) -> str:
-    """The ``NxCx...`` spelling of a shape.
-
-    Example:
-        >>> format_shape((32, 64, 56, 56))
-        '32x64x56x56'
-    """
-    return "x".join(str(d) for d in shape)
-
-
-def default_replicas(device: str = "cpu") -> int:
-    """The default number of replicas: the CUDA devices when there are at least 2, else 4.
-
-    Example:
-        >>> default_replicas("cpu") >= 2
-        True
-    """
-    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() >= 2:
-        return torch.cuda.device_count()
-    return 4
+    return _parse_shapes(text, dims=SHAPE_DIMS, example=SHAPE_EXAMPLE)
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -309,6 +283,7 @@ def run_benchmark(
     replicas = replicas if replicas is not None else default_replicas(device)
     for shape in shapes:
         _check_splittable(shape, replicas)
+    _check_memory(shapes, dtype, device, model_input_shape if model is not None else None, model_batch_size)
     machine = machine_info(device)  # before measuring: the load average is then others' load
     devices = _replica_devices(device)
     _start_torch(devices[0])
@@ -329,17 +304,22 @@ def run_benchmark(
     total = (warmup + repeats) * len(workloads)
     rows: list[BenchRow] = []
     for index, (workload, shape, module) in enumerate(workloads):
-        cases = _cases(module, replicas, devices, dtype, channels_last and len(shape) in (4, 5))
-        x = _random(shape, dtype, devices[0], channels_last, generator)
-        cotangent = _cotangent_for(cases[0].module, x, generator)
-        rounds = _Rounds(
-            warmup, repeats, f"{workload} {format_shape(shape)}", index * (warmup + repeats), total, progress
-        )
-        medians = _measure(cases, x, cotangent, devices[0], rounds)
-        if processes:
-            for impl, convert in ((SYNCBN_GLOO, True), (UNSYNCED_GLOO, False)):
-                cases.append(_Case(impl, replicas, cases[0].module))
-                medians.append(_measure_on_processes(cases[0].module, x, cotangent, replicas, rounds, convert=convert))
+        label = f"{workload} {format_shape(shape)}"
+        try:
+            cases = _cases(module, replicas, devices, dtype, channels_last and len(shape) in (4, 5))
+            x = _random(shape, dtype, devices[0], channels_last, generator)
+            cotangent = _cotangent_for(cases[0].module, x, generator)
+            rounds = _Rounds(warmup, repeats, label, index * (warmup + repeats), total, progress)
+            medians = _measure(cases, x, cotangent, devices[0], rounds)
+            if processes:
+                for impl, convert in ((SYNCBN_GLOO, True), (UNSYNCED_GLOO, False)):
+                    cases.append(_Case(impl, replicas, cases[0].module))
+                    medians.append(_measure_on_processes(cases[0].module, x, cotangent, replicas, rounds, convert))
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            # A model that cannot run this input (or its shards) is bad input, not a crash.
+            raise ValueError(f"{label} failed: {type(error).__name__}: {' '.join(str(error).split())}") from error
         reference_total = sum(medians[0])
         for case, (fwd, bwd) in zip(cases, medians, strict=True):
             rows.append(
@@ -348,7 +328,7 @@ def run_benchmark(
                     impl=case.impl,
                     shape=format_shape(shape),
                     replicas=case.replicas,
-                    dtype=_dtype_name(dtype),
+                    dtype=dtype_name(dtype),
                     device=device,
                     fwd_ms=fwd,
                     bwd_ms=bwd,
@@ -360,7 +340,7 @@ def run_benchmark(
     settings = {
         "replicas": replicas,
         "device": device,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "channels_last": channels_last,
         "repeats": repeats,
         "warmup": warmup,
@@ -441,7 +421,7 @@ def _measure(
 
 
 def _measure_on_processes(
-    module: nn.Module, x: Tensor, cotangent: Tensor, replicas: int, rounds: _Rounds, *, convert: bool
+    module: nn.Module, x: Tensor, cotangent: Tensor, replicas: int, rounds: _Rounds, convert: bool
 ) -> tuple[float, float]:
     """Median (forward ms, backward ms) on R gloo processes, each timing its own shard.
 
@@ -555,10 +535,6 @@ def _replica_devices(device: str) -> list[torch.device]:
     return [torch.device("cpu")]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _check_arguments(
     shapes: list[Shape],
     replicas: int | None,
@@ -597,6 +573,28 @@ def _check_arguments(
             )
         if model_batch_size < 2:
             raise ValueError(f"model_batch_size must be at least 2 (got {model_batch_size})")
+
+
+# Tensors of a workload's input size held at once: the input and cotangent, and per
+# implementation (up to four in one process) an input gradient, output and saved copy.
+_INPUT_COPIES = 14
+
+
+def _check_memory(
+    shapes: list[Shape],
+    dtype: torch.dtype,
+    device: str,
+    model_input_shape: Sequence[int] | None,
+    model_batch_size: int,
+) -> None:
+    """Refuse a workload whose input-sized tensors alone exceed the memory available."""
+    workloads = list(shapes)
+    if model_input_shape is not None:
+        workloads.append((model_batch_size, *model_input_shape))
+    for shape in workloads:
+        check_memory(
+            f"shape {format_shape(shape)} in {dtype_name(dtype)}", _INPUT_COPIES * tensor_bytes(shape, dtype), device
+        )
 
 
 def _check_splittable(shape: Shape, replicas: int) -> None:
