@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import typer
@@ -12,7 +13,7 @@ from syncbn_cli.commands.convert import convert
 from syncbn_cli.commands.inspect import inspect
 from syncbn_cli.commands.revert import revert
 from syncbn_cli.commands.verify import verify
-from syncbn_cli.errors import exits_cleanly
+from syncbn_cli.errors import exits_cleanly, show_warning
 
 
 def _as_flag(option: Any) -> Any:
@@ -49,4 +50,5 @@ for command in (convert, verify, bench, inspect, revert):
 
 def main() -> None:
     """Entry point of the ``syncbn`` console script and of ``python -m syncbn_cli``."""
+    warnings.showwarning = show_warning  # also for warnings raised before a command runs
     app(prog_name="syncbn")

@@ -60,6 +60,16 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def layer_count(count: int, kind: str = "") -> str:
+    """``"1 BatchNorm layer"``, ``"9 BatchNorm layers"``.
+
+    Example:
+        >>> layer_count(1, "BatchNorm"), layer_count(9)
+        ('1 BatchNorm layer', '9 layers')
+    """
+    return f"{count} {kind}{' ' if kind else ''}layer{'' if count == 1 else 's'}"
+
+
 def note(message: str) -> None:
     """A diagnostic line on stderr (never mixed into results on stdout)."""
     err_console.print(message, markup=False, soft_wrap=True)

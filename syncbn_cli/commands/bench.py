@@ -120,7 +120,7 @@ def bench(
             options = ", ".join("--" + name.replace("_", "-") for name in given)
             raise BadInput(
                 f"--suite perf measures fixed shapes, replicas and dtype ({PERF_DTYPE}) and ignores {options}: "
-                "drop them, or leave out --suite perf"
+                f"drop {'it' if len(given) == 1 else 'them'}, or leave out --suite perf"
             )
         _perf_suite(repeats, warmup, json, csv)
         return
