@@ -1,24 +1,14 @@
 """Benchmarks: SyncBN against ``torch.nn.BatchNorm`` on the same input, in the same run.
 
-For each workload (one BatchNorm layer on one input shape, or a whole model's training
-step) every implementation runs on the same input with the same fixed cotangent:
-
-- ``nn.BatchNorm``: torch's own layer on the full batch, on one device: the reference;
-- ``SyncBN`` with 1 replica: outside a synchronized context, what a user pays for
-  converting a model and not going parallel;
-- ``SyncBN`` on R replicas: ``syncbn.DataParallel(convert_model(bn), replicas=R)``;
-- ``unsynced BN`` on R replicas: ``syncbn.DataParallel(bn, replicas=R)``, per-replica
-  statistics, the thing SyncBN fixes, and the cost of the parallel machinery without it.
-
-Forward and backward are timed separately: a repeat runs the forward (building the
-autograd graph, as in training) and then ``backward`` of the output with the cotangent;
-the next repeat runs a fresh forward, so nothing is retained between repeats. Repeats
-of the implementations are interleaved (one round runs each once, starting with a
-different one each round), so slow drifts of the machine (turbo, other load) and the
-after-effects of one implementation on the next hit all of them alike and the ratios
-stay fair. Reported
-times are medians over ``repeats`` rounds after ``warmup`` rounds; the ratio is an
-implementation's ``fwd + bwd`` over the reference's in the same workload.
+Per workload (one BatchNorm layer on one input shape, a model's training step, or the
+synchronization overhead on 50 tiny layers), every implementation runs on the same input
+with the same cotangent: ``nn.BatchNorm`` on the full batch (the reference), SyncBN on 1
+replica, SyncBN and unsynced BN on R replicas (``syncbn.DataParallel``), and optionally on
+R gloo processes. Forward and backward are timed apart; rounds interleave the
+implementations (each round starting with another), so drifts of the machine hit all of
+them alike. Reported: medians after warm-up, and each implementation's ``fwd + bwd`` over
+the reference's in the same workload. Every argument is checked, and a run too large for
+memory refused, before anything is measured.
 """
 
 from __future__ import annotations
@@ -59,8 +49,7 @@ Progress = Callable[[int, int, str], None]
 # ResNet-like early and late stages, an MLP feature layer, and a video clip.
 DEFAULT_SHAPES: tuple[Shape, ...] = ((32, 64, 56, 56), (32, 256, 14, 14), (256, 1024), (8, 64, 8, 28, 28))
 DEFAULT_MODEL_BATCH = 32
-# Medians of 10 interleaved rounds are stable enough to read ratios on a busy 2-core
-# machine, and the default suite still takes well under a minute there.
+# Interleaved rounds: enough for steady medians on a busy machine, a short default run.
 DEFAULT_REPEATS = 10
 DEFAULT_WARMUP = 2
 REFERENCE = "nn.BatchNorm"
@@ -485,13 +474,12 @@ def time_step(module: nn.Module, x: Tensor, cotangent: Tensor, device: torch.dev
 
 
 def _start_torch(device: torch.device) -> None:
-    """One tiny BatchNorm step: the first of a process pays one-off start-up costs (autograd,
-    thread pools, lazy imports: 0.1-0.4 s on a CPU) that would otherwise land on a measured
-    step when ``warmup`` is 0."""
+    """One tiny BatchNorm step, so that a process's one-off start-up costs (autograd, thread
+    pools, lazy imports; see docs/design.md) never land on a measured step, even with no warm-up."""
     x = torch.randn(4, 2, device=device, requires_grad=True)
     out = torch.nn.functional.batch_norm(x, None, None, training=True)
     # With an explicit gradient, as every timed step passes one: the first such backward
-    # imports torch.fx's symbolic shapes (and sympy), ~0.35 s.
+    # imports more of torch than the first forward does.
     out.backward(torch.ones_like(out))
 
 

@@ -6,14 +6,15 @@ Exit codes: 0 success or pass, 1 verification mismatch, 2 bad input or usage, 13
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
 
-from syncbn.workload import is_out_of_memory
+from syncbn.workload import NotEnoughMemoryError, is_out_of_memory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,6 +60,25 @@ def exits_cleanly(command: F) -> F:
                 raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return run  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def library_errors(*, too_large: str) -> Iterator[None]:
+    """The library's refusals as ``BadInput``: bad arguments as they are, a run too large with ``too_large``.
+
+    The library checks every argument before it computes anything, so a ``ValueError`` or
+    ``TypeError`` from it is the user's input, and its message already names the argument.
+
+    Example:
+        >>> with library_errors(too_large="use a smaller --batch-size"):
+        ...     pass
+    """
+    try:
+        yield
+    except NotEnoughMemoryError as error:
+        raise BadInput(f"{error}: {too_large}") from None
+    except (ValueError, TypeError) as error:
+        raise BadInput(" ".join(str(error).split())) from None
 
 
 def show_warning(

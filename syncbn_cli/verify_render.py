@@ -166,7 +166,7 @@ def _verdict(report: VerificationReport) -> Text:
         text.append("PASS", style="bold green")
         if by_truth:
             measure = (
-                f"worst ratio {format_cell(_worst_judged_ratio(report))} to one device's error against the float64 "
+                f"worst ratio {format_cell(synced.worst_ratio)} to one device's error against the float64 "
                 f"truth, at most {report.max_ratio:g}"
             )
         else:
@@ -210,15 +210,9 @@ def _check_groups(checks: Sequence[Comparison]) -> list[tuple[str, list[Comparis
 def _status(comparison: Comparison, report: VerificationReport, failure: str = "FAIL") -> Text:
     if not comparison.passed:
         return Text(failure, style="bold red")
-    if comparison.ratio is not None and comparison.ratio > report.max_ratio:
+    if comparison.by_atol:
         return Text("ok (≤ atol)", style="green")  # a tensor that is noise everywhere: the ratio means nothing
     return Text("ok", style="green")
-
-
-def _worst_judged_ratio(report: VerificationReport) -> float | None:
-    """The worst ratio, but of tensors that passed by atol (noise everywhere, see ``_status``)."""
-    ratios = [c.ratio for c in (*report.checks, *report.layers) if c.ratio is not None and c.ratio <= report.max_ratio]
-    return max(ratios, default=None)
 
 
 def _short(name: str) -> str:

@@ -100,3 +100,47 @@ def test_run_on_processes_rejects_bad_arguments():
         run_on_processes(print, 2, backend="mpi")
     with pytest.raises(ValueError, match="world_size must be at least 1"):
         run_on_processes(print, 0)
+
+
+SPAWNED_MODULE = """
+from torch import nn
+
+from sample_models import example_input
+
+
+class Doubler(nn.Module):  # a class a fresh interpreter finds only by loading this file
+    def forward(self, x):
+        return 2 * x
+
+
+@example_input(3, 6, 6)
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Doubler())
+"""
+
+
+def test_spawn_refuses_what_cannot_be_pickled():
+    class Local(torch.nn.Module):  # defined inside a function: a fresh interpreter cannot find it
+        pass
+
+    with pytest.raises(ValueError, match="define the model's classes and functions at module level"):
+        run_on_processes(print, 2, args=(Local(),), start_method="spawn")
+    with pytest.raises(ValueError, match="start_method must be one of fork, spawn"):
+        run_on_processes(print, 2, start_method="forkserver")
+
+
+def test_verify_starts_nccl_ranks_with_spawn_and_spawned_gloo_ranks_verify(tmp_path, monkeypatch):
+    from syncbn.verify import processes
+    from syncbn_cli.io import build_from_factory
+
+    assert processes.rank_start_method("nccl") == "spawn"
+    if not torch.cuda.is_initialized():
+        assert processes.rank_start_method("gloo") == "fork"
+    # What nccl does, on the CPU: ranks spawned, the model's classes from a factory file.
+    monkeypatch.setattr(processes, "rank_start_method", lambda backend: "spawn")
+    (tmp_path / "spawned.py").write_text(textwrap.dedent(SPAWNED_MODULE))
+    torch.manual_seed(0)
+    model, shape = build_from_factory(f"{tmp_path / 'spawned.py'}:build")
+    report = verify_model(model, shape, replicas=2, backend="gloo", device="cpu", timeout=60)
+    assert report.passed, report.synced.error
+    assert report.unsynced.error is None and not report.unsynced.passed

@@ -172,6 +172,7 @@ class Comparison:
             ``truth_err`` is at most ``atol``; None in float64 runs and for exact checks.
         passed: within the criterion at every step.
         severity: the judged error over the error allowed, worst over steps (above 1 fails).
+        by_atol: some step passed only by ``atol``, its ratio being above ``max_ratio``.
         layer, call: for a BatchNorm layer's output: its name and the call index (0-based).
     """
 
@@ -184,6 +185,7 @@ class Comparison:
     ratio: float | None = None
     passed: bool = True
     severity: float = field(default=0.0, repr=False, compare=False)
+    by_atol: bool = field(default=False, repr=False, compare=False)
     layer: str | None = None
     call: int | None = None
     _closeness: float = field(default=-1.0, init=False, repr=False, compare=False)
@@ -214,6 +216,7 @@ class Comparison:
             self.ratio = worse(self.ratio or 0.0, step_ratio)
             # Passing takes either bound: the ratio, or atol (errors that are all noise).
             severity = min(step_ratio / criterion.max_ratio, ratio(errors.truth_err, tolerance.atol))
+            self.by_atol = self.by_atol or (step_ratio > criterion.max_ratio and severity <= 1.0)
         else:  # float64 runs; or one device diverged too, and only the reference is left to compare with
             severity = closeness
         self.severity = worse(self.severity, severity)
@@ -261,8 +264,11 @@ class ComparisonSet:
 
     @property
     def worst_ratio(self) -> float | None:
-        """The worst ratio to one device's error against the truth (None in float64 runs)."""
-        ratios = [c.ratio for c in (*self.checks, *self.layers) if c.ratio is not None]
+        """The worst ratio to one device's error against the truth (None in float64 runs).
+
+        Of the tensors the ratio judged: not those that passed by ``atol``, all noise.
+        """
+        ratios = [c.ratio for c in (*self.checks, *self.layers) if c.ratio is not None and not (c.by_atol and c.passed)]
         if not ratios:
             return None
         return math.inf if self.error is not None else max(ratios, key=sort_key)
@@ -295,10 +301,15 @@ Key = tuple[str, Any]  # ("check", name) or ("layer", (layer, call))
 
 
 class Comparer:
-    """Compares one model's steps with the one-device results; ``finish`` gives the ``ComparisonSet``."""
+    """Compares one model's steps with the one-device results; ``finish`` gives the ``ComparisonSet``.
 
-    def __init__(self, criterion: Criterion) -> None:
+    ``recheck``: measure one device again on the batch in reverse order when a tensor fails
+    the ratio (off for the unsynced baseline, which is expected to fail).
+    """
+
+    def __init__(self, criterion: Criterion, *, recheck: bool = True) -> None:
         self.criterion = criterion
+        self.recheck = recheck
         self.checks: dict[str, Comparison] = {}
         self.layers: dict[tuple[str, int], Comparison] = {}
         self.layer_calls: dict[str, int] = {}
@@ -313,7 +324,7 @@ class Comparer:
         """
         errors = measure_step(actual, expected)
         failing = any(self._fails_by_ratio(error) for error in errors.values())
-        if failing and expected.reordered is not None:
+        if failing and self.recheck and expected.reordered is not None:
             again = measure_step(expected.reordered(), expected)
             errors = {
                 key: replace(error, one_device_err=max(error.one_device_err, again[key].truth_err, key=sort_key))
@@ -399,16 +410,19 @@ def max_error(actual: Tensor | None, expected: Tensor | None) -> tuple[float, fl
     if expected is None or actual is None:
         return math.inf, 0.0
     b = expected.detach().to(torch.float64)
-    finite = b[b.isfinite()].abs()
-    scale = finite.max().item() if finite.numel() else 0.0
-    if actual.shape != expected.shape:
-        return math.inf, scale
-    a = actual.detach().to(b.device, torch.float64)
     if not b.numel():
-        return 0.0, scale
-    diff = (a - b).abs()
-    diff = torch.where((a == b) | (a.isnan() & b.isnan()), 0.0, diff)  # equal infinities, NaN where expected
-    return diff.nan_to_num(nan=math.inf).max().item(), scale
+        return (0.0 if actual.shape == expected.shape else math.inf), 0.0
+    if actual.shape != expected.shape:
+        finite = b[b.isfinite()].abs()
+        return math.inf, finite.max().item() if finite.numel() else 0.0
+    a = actual.detach().to(b.device, torch.float64)
+    error, scale = torch.stack([(a - b).abs().max(), b.abs().max()]).tolist()
+    if math.isfinite(error) and math.isfinite(scale):
+        return error, scale
+    # Infinities or NaN somewhere: equal infinities and NaN where NaN is expected are no error.
+    finite = b[b.isfinite()].abs()
+    diff = torch.where((a == b) | (a.isnan() & b.isnan()), 0.0, (a - b).abs())
+    return diff.nan_to_num(nan=math.inf).max().item(), finite.max().item() if finite.numel() else 0.0
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -96,29 +96,14 @@ def verify_model(
         >>> report.unsynced.worst_ratio > 100 * report.synced.worst_ratio
         True
     """
-    settings = Settings.resolve(
-        model,
-        input_shape=input_shape,
-        replicas=replicas,
-        batch_size=batch_size,
-        steps=steps,
-        seed=seed,
-        dtype=dtype,
-        reference_dtype=reference_dtype,
-        rtol=rtol,
-        atol=atol,
-        max_ratio=max_ratio,
-        device=device,
-        lr=lr,
-        backend=backend,
-        timeout=timeout,
-    )
+    # Every argument by name, checked in one place.
+    settings = Settings.resolve(model, {name: value for name, value in locals().items() if name != "progress"})
     warnings = collect_warnings(model, settings)
     original = unwrapped(model)
     one_device = OneDevice(revert_model(copy.deepcopy(original)), settings)
     eps = torch.finfo(settings.dtype).eps
     criterion = Criterion(settings.tolerance, settings.max_ratio if settings.judged_by_truth else None, eps)
-    comparers = {key: Comparer(criterion) for key in CANDIDATES}
+    comparers = {key: Comparer(criterion, recheck=key == "synced") for key in CANDIDATES}
     generator = torch.Generator().manual_seed(settings.seed)
     report_progress = progress if progress is not None else _no_progress
     with full_float32_precision():

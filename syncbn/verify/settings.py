@@ -8,6 +8,7 @@ what it accepts, raised before any model runs; a run that cannot fit in memory i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,26 +64,18 @@ class Settings:
     timeout: float
 
     @classmethod
-    def resolve(
-        cls,
-        model: nn.Module,
-        *,
-        input_shape: Any,
-        replicas: int | None = None,
-        batch_size: int | None = None,
-        steps: int = 1,
-        seed: int = 0,
-        dtype: torch.dtype | str = torch.float32,
-        reference_dtype: torch.dtype | str | None = None,
-        rtol: float | None = None,
-        atol: float | None = None,
-        max_ratio: float | None = None,
-        device: str | torch.device | None = None,
-        lr: float = DEFAULT_LR,
-        backend: str = "threads",
-        timeout: float = 60.0,
-    ) -> Settings:
-        """Check every argument (``ValueError``/``TypeError`` naming it) and fill in the defaults."""
+    def resolve(cls, model: nn.Module, arguments: Mapping[str, Any]) -> Settings:
+        """Check ``verify_model``'s keyword ``arguments`` (by name) and fill in the defaults.
+
+        Raises:
+            ValueError, TypeError: a bad argument, named, with what it got and what it accepts.
+        """
+        input_shape, device, replicas, batch_size = (
+            arguments[k] for k in ("input_shape", "device", "replicas", "batch_size")
+        )
+        steps, seed, dtype, reference_dtype = (arguments[k] for k in ("steps", "seed", "dtype", "reference_dtype"))
+        rtol, atol, max_ratio, lr = (arguments[k] for k in ("rtol", "atol", "max_ratio", "lr"))
+        backend, timeout = arguments["backend"], arguments["timeout"]
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module (got {type(model).__name__})")
         if not any(isinstance(m, _BatchNorm) for m in unwrapped(model).modules()):

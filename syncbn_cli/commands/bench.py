@@ -18,9 +18,9 @@ from syncbn.bench import (
     run_benchmark,
 )
 from syncbn.perf import PERF_DTYPE, run_perf_suite
-from syncbn.workload import DEVICES, DTYPES, NotEnoughMemoryError
+from syncbn.workload import DEVICES, DTYPES
 from syncbn_cli import render
-from syncbn_cli.errors import BadInput, require_positive
+from syncbn_cli.errors import BadInput, library_errors, require_positive
 from syncbn_cli.io import build_from_factory
 from syncbn_cli.options import Devices, Json, Replicas, flag
 
@@ -139,28 +139,25 @@ def bench(
     if built is not None and input_shape is None:
         raise BadInput(f"--model {model}: the factory declares no input_shape; give it one (see sample_models)")
 
-    with render.progress_bar("measuring") as report_progress:
-        try:
-            report = run_benchmark(
-                shape_list,
-                replicas=replicas,
-                device=devices,
-                dtype=DTYPES[dtype],
-                channels_last=channels_last,
-                repeats=repeats,
-                warmup=warmup,
-                model=built,
-                model_input_shape=input_shape,
-                model_name=model.rsplit(":", 1)[-1],
-                model_batch_size=model_batch_size,
-                progress=report_progress,
-                processes=processes,
-                overhead=overhead,
-            )
-        except NotEnoughMemoryError as error:
-            raise BadInput(f"{error}: use smaller --shapes or --model-batch-size") from None
-        except ValueError as error:  # bad arguments, or the model failing on its input
-            raise BadInput(str(error)) from None
+    too_large = "use smaller --shapes or --model-batch-size"
+    # A ValueError is a bad argument, or the model failing on its input.
+    with render.progress_bar("measuring") as report_progress, library_errors(too_large=too_large):
+        report = run_benchmark(
+            shape_list,
+            replicas=replicas,
+            device=devices,
+            dtype=DTYPES[dtype],
+            channels_last=channels_last,
+            repeats=repeats,
+            warmup=warmup,
+            model=built,
+            model_input_shape=input_shape,
+            model_name=model.rsplit(":", 1)[-1],
+            model_batch_size=model_batch_size,
+            progress=report_progress,
+            processes=processes,
+            overhead=overhead,
+        )
 
     if json:
         render.print_json(report.as_dict())

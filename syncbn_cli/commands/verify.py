@@ -14,8 +14,8 @@ import typer
 
 from sample_models import DEFAULT_SAMPLE
 from syncbn.verify import BACKENDS, ModelRunError, verify_model
-from syncbn.workload import DEVICES, DTYPES, NotEnoughMemoryError, default_device, parse_shape
-from syncbn_cli.errors import EXIT_MISMATCH, BadInput, require_positive
+from syncbn.workload import DEVICES, DTYPES, default_device, parse_shape
+from syncbn_cli.errors import EXIT_MISMATCH, BadInput, library_errors, require_positive
 from syncbn_cli.io import LoadedModel, load_model
 from syncbn_cli.options import (
     Atol,
@@ -105,7 +105,8 @@ def verify(
             "the model does not declare its input shape: pass --input-shape, e.g. 3x32x32 "
             "(one sample, without the batch dimension)"
         )
-    with progress_bar("verifying") as progress:
+    too_large = "use a smaller --input-shape or --batch-size"
+    with progress_bar("verifying") as progress, library_errors(too_large=too_large):
         try:
             report = verify_model(
                 loaded.model,
@@ -125,10 +126,6 @@ def verify(
             )
         except ModelRunError as error:
             raise BadInput(f"{error}; check --input-shape and --batch-size") from None
-        except NotEnoughMemoryError as error:
-            raise BadInput(f"{error}: use a smaller --input-shape or --batch-size") from None
-        except (ValueError, TypeError) as error:
-            raise BadInput(str(error)) from None
     for warning in report.warnings:
         note(f"warning: {warning}")
     if json_output:
