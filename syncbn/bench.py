@@ -13,24 +13,34 @@ memory refused, before anything is measured.
 
 from __future__ import annotations
 
-import copy
 import datetime
-import gc
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from syncbn.convert import convert_model
-from syncbn.launch import run_on_processes
-from syncbn.parallel import DataParallel
-from syncbn.parallel.scatter_gather import shard_sizes as _shard_sizes
+from syncbn.timing import (
+    REFERENCE,
+    SYNCBN,
+    SYNCBN_GLOO,
+    UNSYNCED,
+    UNSYNCED_GLOO,
+    Case,
+    Progress,
+    Rounds,
+    cotangent_for,
+    make_cases,
+    measure,
+    measure_on_processes,
+    random_input,
+    replica_devices,
+    start_torch,
+)
+from syncbn.timing import time_step as time_step  # re-exported: callers time steps through syncbn.bench
 from syncbn.workload import (
     Shape,
     check_memory,
@@ -43,20 +53,12 @@ from syncbn.workload import (
 from syncbn.workload import parse_shape as _parse_shape
 from syncbn.workload import parse_shapes as _parse_shapes
 
-# progress(done, total, description): called before each round of measurements and once at the end.
-Progress = Callable[[int, int, str], None]
-
 # ResNet-like early and late stages, an MLP feature layer, and a video clip.
 DEFAULT_SHAPES: tuple[Shape, ...] = ((32, 64, 56, 56), (32, 256, 14, 14), (256, 1024), (8, 64, 8, 28, 28))
 DEFAULT_MODEL_BATCH = 32
 # Interleaved rounds: enough for steady medians on a busy machine, a short default run.
 DEFAULT_REPEATS = 10
 DEFAULT_WARMUP = 2
-REFERENCE = "nn.BatchNorm"
-SYNCBN = "SyncBN"
-UNSYNCED = "unsynced BN"
-SYNCBN_GLOO = "SyncBN (gloo)"
-UNSYNCED_GLOO = "unsynced BN (gloo)"
 # The synchronization-overhead workload: many BatchNorm layers on a tiny input, where
 # the cost of a layer is almost all rendezvous (threads) or collective (gloo).
 OVERHEAD_LAYERS = 50
@@ -274,8 +276,8 @@ def run_benchmark(
         _check_splittable(shape, replicas)
     _check_memory(shapes, dtype, device, model_input_shape if model is not None else None, model_batch_size)
     machine = machine_info(device)  # before measuring: the load average is then others' load
-    devices = _replica_devices(device)
-    _start_torch(devices[0])
+    devices = replica_devices(device)
+    start_torch(devices[0])
     generator = torch.Generator().manual_seed(seed)
 
     # (name, full-batch shape, module); the module is copied for each implementation.
@@ -295,15 +297,15 @@ def run_benchmark(
     for index, (workload, shape, module) in enumerate(workloads):
         label = f"{workload} {format_shape(shape)}"
         try:
-            cases = _cases(module, replicas, devices, dtype, channels_last and len(shape) in (4, 5))
-            x = _random(shape, dtype, devices[0], channels_last, generator)
-            cotangent = _cotangent_for(cases[0].module, x, generator)
-            rounds = _Rounds(warmup, repeats, label, index * (warmup + repeats), total, progress)
-            medians = _measure(cases, x, cotangent, devices[0], rounds)
+            cases = make_cases(module, replicas, devices, dtype, channels_last and len(shape) in (4, 5))
+            x = random_input(shape, dtype, devices[0], channels_last, generator)
+            cotangent = cotangent_for(cases[0].module, x, generator)
+            rounds = Rounds(warmup, repeats, label, index * (warmup + repeats), total, progress)
+            medians = measure(cases, x, cotangent, devices[0], rounds)
             if processes:
                 for impl, convert in ((SYNCBN_GLOO, True), (UNSYNCED_GLOO, False)):
-                    cases.append(_Case(impl, replicas, cases[0].module))
-                    medians.append(_measure_on_processes(cases[0].module, x, cotangent, replicas, rounds, convert))
+                    cases.append(Case(impl, replicas, cases[0].module))
+                    medians.append(measure_on_processes(cases[0].module, x, cotangent, replicas, rounds, convert))
         except Exception as error:
             if is_out_of_memory(error):
                 raise
@@ -336,191 +338,6 @@ def run_benchmark(
         "processes": processes,
     }
     return BenchReport(rows=rows, machine=machine, settings=settings)
-
-
-@dataclass
-class _Case:
-    impl: str
-    replicas: int
-    module: nn.Module
-
-
-def _cases(
-    module: nn.Module, replicas: int, devices: list[torch.device], dtype: torch.dtype, channels_last: bool
-) -> list[_Case]:
-    """The reference and its rivals, each with its own copy of ``module`` (left unchanged)."""
-    module = copy.deepcopy(module).to(devices[0], dtype).train()
-    if channels_last:
-        # Conv weights take the input's layout, or every conv would convert it back and forth;
-        # module.to(memory_format=...) would skip the 5-D weights of Conv3d.
-        for param in module.parameters():
-            if param.dim() in (4, 5):
-                param.data = param.data.contiguous(memory_format=_channels_last_format(param.dim()))
-
-    def parallel(m: nn.Module) -> nn.Module:
-        # One replica is the module itself: DataParallel would only add its own call.
-        return DataParallel(m, device_ids=devices, replicas=replicas) if replicas > 1 else m
-
-    cases = [_Case(REFERENCE, 1, copy.deepcopy(module))]
-    if replicas > 1:
-        cases.append(_Case(SYNCBN, 1, convert_model(copy.deepcopy(module))))
-    cases.append(_Case(SYNCBN, replicas, parallel(convert_model(copy.deepcopy(module)))))
-    cases.append(_Case(UNSYNCED, replicas, parallel(copy.deepcopy(module))))
-    return cases
-
-
-@dataclass
-class _Rounds:
-    """How many rounds one workload runs, and how to report them to ``progress``."""
-
-    warmup: int
-    repeats: int
-    label: str
-    done_before: int
-    total: int
-    progress: Progress | None
-
-    def report(self, round_: int) -> None:
-        if self.progress is None:
-            return
-        if round_ < self.warmup:
-            stage = f"warmup {round_ + 1}/{self.warmup}"
-        else:
-            stage = f"repeat {round_ - self.warmup + 1}/{self.repeats}"
-        self.progress(self.done_before + round_, self.total, f"{self.label}: {stage}")
-
-
-def _measure(
-    cases: list[_Case], x: Tensor, cotangent: Tensor, device: torch.device, rounds: _Rounds
-) -> list[tuple[float, float]]:
-    """Median (forward ms, backward ms) of each case; a round runs every case once, interleaved."""
-    timings: list[list[tuple[float, float]]] = [[] for _ in cases]
-    for round_ in range(rounds.warmup + rounds.repeats):
-        rounds.report(round_)
-        # Each round starts with a different case: whichever runs first, or right after
-        # the thread-spawning DataParallel cases, is not always the same one.
-        for i in range(len(cases)):
-            index = (round_ + i) % len(cases)
-            measured = time_step(cases[index].module, x, cotangent, device)
-            if round_ >= rounds.warmup:
-                timings[index].append(measured)
-    return [
-        (statistics.median(fwd for fwd, _ in times), statistics.median(bwd for _, bwd in times)) for times in timings
-    ]
-
-
-def _measure_on_processes(
-    module: nn.Module, x: Tensor, cotangent: Tensor, replicas: int, rounds: _Rounds, convert: bool
-) -> tuple[float, float]:
-    """Median (forward ms, backward ms) on R gloo processes, each timing its own shard.
-
-    A round lasts as long as its slowest rank, so per round the maximum over ranks counts.
-    """
-    if rounds.progress is not None:
-        what = SYNCBN_GLOO if convert else UNSYNCED_GLOO
-        rounds.progress(rounds.done_before, rounds.total, f"{rounds.label}: {what} on {replicas} processes")
-    candidate = convert_model(copy.deepcopy(module)) if convert else copy.deepcopy(module)
-    per_rank = run_on_processes(
-        _time_rank,
-        replicas,
-        backend="gloo",
-        timeout=120.0,
-        args=(candidate, x, cotangent, rounds.warmup, rounds.repeats),
-    )
-    per_round = [(max(f for f, _ in step), max(b for _, b in step)) for step in zip(*per_rank, strict=True)]
-    return statistics.median(f for f, _ in per_round), statistics.median(b for _, b in per_round)
-
-
-def _time_rank(
-    rank: int, world: int, module: nn.Module, x: Tensor, cotangent: Tensor, warmup: int, repeats: int
-) -> list[tuple[float, float]]:
-    """One rank of ``_measure_on_processes``: its shard's (fwd ms, bwd ms) for each measured round."""
-    import torch.distributed as dist
-
-    rows = torch.split(torch.arange(x.shape[0]), _shard_sizes(x.shape[0], world))[rank]
-    shard, shard_cotangent = x[rows].contiguous(memory_format=_memory_format_of(x)), cotangent[rows]
-    timings = []
-    for round_ in range(warmup + repeats):
-        dist.barrier()  # every rank starts the round together
-        measured = time_step(module, shard, shard_cotangent, x.device)
-        if round_ >= warmup:
-            timings.append(measured)
-    return timings
-
-
-def time_step(module: nn.Module, x: Tensor, cotangent: Tensor, device: torch.device) -> tuple[float, float]:
-    """Milliseconds of one forward (building the graph) and of the backward of its output.
-
-    Example:
-        >>> fwd_ms, bwd_ms = time_step(nn.BatchNorm1d(3), torch.randn(4, 3), torch.ones(4, 3), torch.device("cpu"))
-    """
-    module.zero_grad(set_to_none=True)
-    leaf = x.detach().requires_grad_()  # a fresh leaf: no gradient accumulates into an old .grad
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection in the middle of a step is noise, not the step's cost
-    try:
-        _synchronize(device)
-        start = time.perf_counter()
-        out = module(leaf)
-        _synchronize(device)
-        middle = time.perf_counter()
-        out.backward(cotangent)
-        _synchronize(device)
-        end = time.perf_counter()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return (middle - start) * 1e3, (end - middle) * 1e3
-
-
-def _start_torch(device: torch.device) -> None:
-    """One tiny BatchNorm step, so that a process's one-off start-up costs (autograd, thread
-    pools, lazy imports; see docs/design.md) never land on a measured step, even with no warm-up."""
-    x = torch.randn(4, 2, device=device, requires_grad=True)
-    out = torch.nn.functional.batch_norm(x, None, None, training=True)
-    # With an explicit gradient, as every timed step passes one: the first such backward
-    # imports more of torch than the first forward does.
-    out.backward(torch.ones_like(out))
-
-
-def _cotangent_for(module: nn.Module, x: Tensor, generator: torch.Generator) -> Tensor:
-    """A fixed random cotangent of the output's shape, dtype and layout (one forward to learn them)."""
-    with torch.no_grad():
-        out = copy.deepcopy(module)(x)  # a copy: the running statistics stay as they are
-    cotangent = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(out.device, out.dtype)
-    return cotangent.contiguous(memory_format=_memory_format_of(out))
-
-
-def _random(shape: Shape, dtype: torch.dtype, device: torch.device, channels_last: bool, generator) -> Tensor:
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-    if channels_last and len(shape) in (4, 5):
-        x = x.contiguous(memory_format=_channels_last_format(len(shape)))
-    return x
-
-
-def _channels_last_format(dim: int) -> torch.memory_format:
-    return torch.channels_last if dim == 4 else torch.channels_last_3d
-
-
-def _memory_format_of(t: Tensor) -> torch.memory_format:
-    if t.dim() in (4, 5) and not t.is_contiguous():
-        fmt = _channels_last_format(t.dim())
-        if t.is_contiguous(memory_format=fmt):
-            return fmt
-    return torch.contiguous_format
-
-
-def _synchronize(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: without this we would time the launches only.
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _replica_devices(device: str) -> list[torch.device]:
-    if device == "cuda":
-        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    # Explicit, so that a machine with CUDA still runs CPU replicas on the CPU.
-    return [torch.device("cpu")]
 
 
 def _check_arguments(

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from syncbn.bench import REFERENCE, SYNCBN, BenchReport, machine_info, run_benchmark, time_step
+from syncbn.bench import REFERENCE, SYNCBN, BenchReport, machine_info, run_benchmark
 from syncbn.convert import convert_model
 from syncbn.parallel import DataParallel
+from syncbn.timing import time_step
 from syncbn.workload import DTYPES
 
 PERF_DTYPE = "float32"  # every target is measured in it
