@@ -267,7 +267,7 @@ def running(pid: int) -> bool:
     [
         ["verify", "--backend", "gloo", "--replicas", "2", "--factory", "sample_models.resnet:resnet_tiny",
          "--input-shape", "3x48x48", "--steps", "12"],
-        ["bench", "--shapes", "8x4", "--replicas", "2", "--repeats", "3000", "--warmup", "0", "--model", "none",
+        ["bench", "--shapes", "8x4", "--replicas", "2", "--repeats", "400", "--warmup", "0", "--model", "none",
          "--no-overhead"],
     ],
     ids=["verify", "bench"],
@@ -304,3 +304,15 @@ def test_ctrl_c_during_the_gloo_ranks_exits_130_and_leaves_nothing(tmp_path, arg
     while any(running(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(running(pid) for pid in ranks)
+
+
+@pytest.mark.parametrize(("command", "target"), [("verify", "verify_model"), ("bench", "run_benchmark")])
+def test_ctrl_c_in_any_command_exits_130_with_one_line(monkeypatch, command, target):
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"syncbn_cli.commands.{command}"), target, interrupted)
+    result = runner.invoke(app, [command, *(["--model", "none"] if command == "bench" else [])])
+    assert result.exit_code == 130 and result.stderr == "interrupted\n" and result.stdout == ""

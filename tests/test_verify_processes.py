@@ -129,18 +129,45 @@ def test_spawn_refuses_what_cannot_be_pickled():
         run_on_processes(print, 2, start_method="forkserver")
 
 
-def test_verify_starts_nccl_ranks_with_spawn_and_spawned_gloo_ranks_verify(tmp_path, monkeypatch):
+def test_spawned_ranks_load_classes_from_a_factory_file(tmp_path):
+    import sys
+
+    from syncbn_cli.io import build_from_factory
+
+    (tmp_path / "spawned.py").write_text(textwrap.dedent(SPAWNED_MODULE))
+    model, _ = build_from_factory(f"{tmp_path / 'spawned.py'}:build")  # loaded by file path, as --factory does
+    doubler = model[2]
+    assert type(doubler).__module__ in sys.modules and not type(doubler).__module__.startswith("spawned")
+    assert run_on_processes(_doubled_sum, 2, args=(doubler,), start_method="spawn", timeout=60) == [6.0, 6.0]
+
+
+def _doubled_sum(rank, world, doubler):
+    value = doubler(torch.tensor([rank + 1.0]))
+    torch.distributed.all_reduce(value)
+    return value.item()
+
+
+def test_verify_starts_nccl_ranks_with_spawn_and_what_it_sends_them_pickles(tmp_path, monkeypatch):
+    from syncbn.launch import _Pickled
     from syncbn.verify import processes
     from syncbn_cli.io import build_from_factory
 
     assert processes.rank_start_method("nccl") == "spawn"
     if not torch.cuda.is_initialized():
         assert processes.rank_start_method("gloo") == "fork"
-    # What nccl does, on the CPU: ranks spawned, the model's classes from a factory file.
+    sent = []
+
+    def spawn(function, world_size, *, backend, timeout, args, start_method):
+        # What the ranks would receive: pickled, then loaded as a fresh interpreter loads it.
+        function, args = _Pickled.pack(function, args).unpack()
+        sent.append((start_method, function, args))
+        raise ProcessGroupFailure({0: "not started by this test"}, world_size)
+
     monkeypatch.setattr(processes, "rank_start_method", lambda backend: "spawn")
+    monkeypatch.setattr(processes, "run_on_processes", spawn)
     (tmp_path / "spawned.py").write_text(textwrap.dedent(SPAWNED_MODULE))
-    torch.manual_seed(0)
     model, shape = build_from_factory(f"{tmp_path / 'spawned.py'}:build")
-    report = verify_model(model, shape, replicas=2, backend="gloo", device="cpu", timeout=60)
-    assert report.passed, report.synced.error
-    assert report.unsynced.error is None and not report.unsynced.passed
+    report = verify_model(model, shape, replicas=2, backend="gloo", device="cpu")
+    assert report.synced.error == "rank 0 of 2: not started by this test"
+    assert [start for start, _, _ in sent] == ["spawn", "spawn"]
+    assert sent[0][1] is processes.train_shards and type(sent[0][2][0][-1]).__name__ == "Doubler"
