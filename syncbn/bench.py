@@ -258,7 +258,9 @@ def run_benchmark(
 
     Raises:
         ValueError: a bad argument (malformed shape, R below 1, CUDA missing, a shape too
-            small to split over R replicas, ...); raised before anything is measured.
+            small to split over R replicas, ...), raised before anything is measured; or a
+            workload that fails to run (a model that cannot take its input or its shards).
+        syncbn.workload.NotEnoughMemoryError: a workload's inputs alone would not fit in memory.
 
     Example:
         >>> report = run_benchmark([(4, 3, 5, 5)], replicas=2, repeats=1, warmup=0, processes=False, overhead=False)
