@@ -408,12 +408,11 @@ class StallsOnOneSample(nn.Module):
 
 def test_the_timeout_reaches_data_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
     # Replicas in threads, as on separate devices: the stalled one keeps its peers waiting.
-    from syncbn.comm.threads import ReplicaGroup
-
+    group = data_parallel.ReplicaGroup
     monkeypatch.setattr(
         data_parallel,
         "ReplicaGroup",
-        lambda world_size, timeout, shared_device: ReplicaGroup(world_size, timeout, shared_device=False),
+        lambda world_size, timeout, shared_device: group(world_size, timeout, shared_device=False),
     )
     start = time.monotonic()
     stalled = verify_model(StallsOnOneSample(), (3, 5, 5), replicas=3, batch_size=5, timeout=0.3, device="cpu")
