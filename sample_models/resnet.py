@@ -45,7 +45,7 @@ class ResNetTiny(nn.Module):
 
 @example_input(3, 32, 32)
 def resnet_tiny() -> nn.Module:
-    """A ResNet with 8/16/32 channels and 11 BatchNorm2d layers.
+    """A ResNet with 8/16/32 channels and 9 BatchNorm2d layers (one in the stem, two per block, two shortcuts).
 
     Example:
         >>> import torch

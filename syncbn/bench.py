@@ -1,64 +1,64 @@
 """Benchmarks: SyncBN against ``torch.nn.BatchNorm`` on the same input, in the same run.
 
-For each workload (one BatchNorm layer on one input shape, or a whole model's training
-step) every implementation runs on the same input with the same fixed cotangent:
-
-- ``nn.BatchNorm``: torch's own layer on the full batch, on one device: the reference;
-- ``SyncBN`` with 1 replica: outside a synchronized context, what a user pays for
-  converting a model and not going parallel;
-- ``SyncBN`` on R replicas: ``syncbn.DataParallel(convert_model(bn), replicas=R)``;
-- ``unsynced BN`` on R replicas: ``syncbn.DataParallel(bn, replicas=R)``, per-replica
-  statistics, the thing SyncBN fixes, and the cost of the parallel machinery without it.
-
-Forward and backward are timed separately: a repeat runs the forward (building the
-autograd graph, as in training) and then ``backward`` of the output with the cotangent;
-the next repeat runs a fresh forward, so nothing is retained between repeats. Repeats
-of the implementations are interleaved (one round runs each once, starting with a
-different one each round), so slow drifts of the machine (turbo, other load) and the
-after-effects of one implementation on the next hit all of them alike and the ratios
-stay fair. Reported
-times are medians over ``repeats`` rounds after ``warmup`` rounds; the ratio is an
-implementation's ``fwd + bwd`` over the reference's in the same workload.
+Per workload (one BatchNorm layer on one input shape, a model's training step, or the
+synchronization overhead on 50 tiny layers), every implementation runs on the same input
+with the same cotangent: ``nn.BatchNorm`` on the full batch (the reference), SyncBN on 1
+replica, SyncBN and unsynced BN on R replicas (``syncbn.DataParallel``), and optionally on
+R gloo processes. Forward and backward are timed apart; rounds interleave the
+implementations (each round starting with another), so drifts of the machine hit all of
+them alike. Reported: medians after warm-up, and each implementation's ``fwd + bwd`` over
+the reference's in the same workload. Every argument is checked, and a run too large for
+memory refused, before anything is measured.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
-import gc
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from syncbn.convert import convert_model
-from syncbn.launch import run_on_processes
-from syncbn.parallel import DataParallel
-from syncbn.parallel.scatter_gather import shard_sizes as _shard_sizes
-
-Shape = tuple[int, ...]
-# progress(done, total, description): called before each round of measurements and once at the end.
-Progress = Callable[[int, int, str], None]
+from syncbn.timing import (
+    REFERENCE,
+    SYNCBN,
+    SYNCBN_GLOO,
+    UNSYNCED,
+    UNSYNCED_GLOO,
+    Case,
+    Progress,
+    Rounds,
+    cotangent_for,
+    make_cases,
+    measure,
+    measure_on_processes,
+    random_input,
+    replica_devices,
+    start_torch,
+)
+from syncbn.timing import time_step as time_step  # re-exported: callers time steps through syncbn.bench
+from syncbn.workload import (
+    Shape,
+    check_memory,
+    default_replicas,
+    dtype_name,
+    format_shape,
+    is_out_of_memory,
+    tensor_bytes,
+)
+from syncbn.workload import parse_shape as _parse_shape
+from syncbn.workload import parse_shapes as _parse_shapes
 
 # ResNet-like early and late stages, an MLP feature layer, and a video clip.
 DEFAULT_SHAPES: tuple[Shape, ...] = ((32, 64, 56, 56), (32, 256, 14, 14), (256, 1024), (8, 64, 8, 28, 28))
 DEFAULT_MODEL_BATCH = 32
-# Medians of 10 interleaved rounds are stable enough to read ratios on a busy 2-core
-# machine, and the default suite still takes well under a minute there.
+# Interleaved rounds: enough for steady medians on a busy machine, a short default run.
 DEFAULT_REPEATS = 10
 DEFAULT_WARMUP = 2
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-REFERENCE = "nn.BatchNorm"
-SYNCBN = "SyncBN"
-UNSYNCED = "unsynced BN"
-SYNCBN_GLOO = "SyncBN (gloo)"
-UNSYNCED_GLOO = "unsynced BN (gloo)"
 # The synchronization-overhead workload: many BatchNorm layers on a tiny input, where
 # the cost of a layer is almost all rendezvous (threads) or collective (gloo).
 OVERHEAD_LAYERS = 50
@@ -153,36 +153,26 @@ class BenchReport:
         }
 
 
+# A shape of ``--shapes``: the full batch N, channels C and up to three spatial sizes.
+SHAPE_DIMS = (2, 5)
+SHAPE_EXAMPLE = "32x64x56x56"
+
+
 def parse_shape(text: str) -> Shape:
-    """Parse one input shape written ``NxCx...`` (2 to 5 positive dimensions).
+    """Parse one input shape written ``NxCx...`` (2 to 5 positive sizes; see ``syncbn.workload.parse_shape``).
 
     Two or three dimensions are measured with BatchNorm1d, four with BatchNorm2d, five
     with BatchNorm3d.
 
-    Raises:
-        ValueError: the text is not 2 to 5 positive integers joined by ``x``.
-
     Example:
         >>> parse_shape("32x64x56x56")
         (32, 64, 56, 56)
-        >>> parse_shape("256x1024")
-        (256, 1024)
         >>> parse_shape("32x0")
         Traceback (most recent call last):
         ...
-        ValueError: malformed shape '32x0': dimensions must be positive integers, like 32x64x56x56
+        ValueError: malformed shape '32x0': sizes must be positive integers, like 32x64x56x56
     """
-    parts = text.strip().lower().split("x")
-    if not all(part.strip().isdigit() for part in parts):
-        raise ValueError(f"malformed shape {text!r}: expected integers joined by 'x', like 32x64x56x56 or 256x1024")
-    shape = tuple(int(part) for part in parts)
-    if not 2 <= len(shape) <= 5:
-        raise ValueError(
-            f"malformed shape {text!r}: expected 2 to 5 dimensions (N, C and up to 3 spatial), got {len(shape)}"
-        )
-    if min(shape) < 1:
-        raise ValueError(f"malformed shape {text!r}: dimensions must be positive integers, like 32x64x56x56")
-    return shape
+    return _parse_shape(text, dims=SHAPE_DIMS, example=SHAPE_EXAMPLE)
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -192,32 +182,7 @@ def parse_shapes(text: str) -> list[Shape]:
         >>> parse_shapes("4x3x5x5, 8x16")
         [(4, 3, 5, 5), (8, 16)]
     """
-    items = [item for item in text.split(",") if item.strip()]
-    if not items:
-        raise ValueError(f"no shapes in {text!r}: expected e.g. 32x64x56x56,256x1024")
-    return [parse_shape(item) for item in items]
-
-
-def format_shape(shape: Sequence[int]) -> str:
-    """The ``NxCx...`` spelling of a shape.
-
-    Example:
-        >>> format_shape((32, 64, 56, 56))
-        '32x64x56x56'
-    """
-    return "x".join(str(d) for d in shape)
-
-
-def default_replicas(device: str = "cpu") -> int:
-    """The default number of replicas: the CUDA devices when there are at least 2, else 4.
-
-    Example:
-        >>> default_replicas("cpu") >= 2
-        True
-    """
-    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() >= 2:
-        return torch.cuda.device_count()
-    return 4
+    return _parse_shapes(text, dims=SHAPE_DIMS, example=SHAPE_EXAMPLE)
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -293,7 +258,9 @@ def run_benchmark(
 
     Raises:
         ValueError: a bad argument (malformed shape, R below 1, CUDA missing, a shape too
-            small to split over R replicas, ...); raised before anything is measured.
+            small to split over R replicas, ...), raised before anything is measured; or a
+            workload that fails to run (a model that cannot take its input or its shards).
+        syncbn.workload.NotEnoughMemoryError: a workload's inputs alone would not fit in memory.
 
     Example:
         >>> report = run_benchmark([(4, 3, 5, 5)], replicas=2, repeats=1, warmup=0, processes=False, overhead=False)
@@ -309,9 +276,10 @@ def run_benchmark(
     replicas = replicas if replicas is not None else default_replicas(device)
     for shape in shapes:
         _check_splittable(shape, replicas)
+    _check_memory(shapes, dtype, device, model_input_shape if model is not None else None, model_batch_size)
     machine = machine_info(device)  # before measuring: the load average is then others' load
-    devices = _replica_devices(device)
-    _start_torch(devices[0])
+    devices = replica_devices(device)
+    start_torch(devices[0])
     generator = torch.Generator().manual_seed(seed)
 
     # (name, full-batch shape, module); the module is copied for each implementation.
@@ -329,17 +297,22 @@ def run_benchmark(
     total = (warmup + repeats) * len(workloads)
     rows: list[BenchRow] = []
     for index, (workload, shape, module) in enumerate(workloads):
-        cases = _cases(module, replicas, devices, dtype, channels_last and len(shape) in (4, 5))
-        x = _random(shape, dtype, devices[0], channels_last, generator)
-        cotangent = _cotangent_for(cases[0].module, x, generator)
-        rounds = _Rounds(
-            warmup, repeats, f"{workload} {format_shape(shape)}", index * (warmup + repeats), total, progress
-        )
-        medians = _measure(cases, x, cotangent, devices[0], rounds)
-        if processes:
-            for impl, convert in ((SYNCBN_GLOO, True), (UNSYNCED_GLOO, False)):
-                cases.append(_Case(impl, replicas, cases[0].module))
-                medians.append(_measure_on_processes(cases[0].module, x, cotangent, replicas, rounds, convert=convert))
+        label = f"{workload} {format_shape(shape)}"
+        try:
+            cases = make_cases(module, replicas, devices, dtype, channels_last and len(shape) in (4, 5))
+            x = random_input(shape, dtype, devices[0], channels_last, generator)
+            cotangent = cotangent_for(cases[0].module, x, generator)
+            rounds = Rounds(warmup, repeats, label, index * (warmup + repeats), total, progress)
+            medians = measure(cases, x, cotangent, devices[0], rounds)
+            if processes:
+                for impl, convert in ((SYNCBN_GLOO, True), (UNSYNCED_GLOO, False)):
+                    cases.append(Case(impl, replicas, cases[0].module))
+                    medians.append(measure_on_processes(cases[0].module, x, cotangent, replicas, rounds, convert))
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            # A model that cannot run this input (or its shards) is bad input, not a crash.
+            raise ValueError(f"{label} failed: {type(error).__name__}: {' '.join(str(error).split())}") from error
         reference_total = sum(medians[0])
         for case, (fwd, bwd) in zip(cases, medians, strict=True):
             rows.append(
@@ -348,7 +321,7 @@ def run_benchmark(
                     impl=case.impl,
                     shape=format_shape(shape),
                     replicas=case.replicas,
-                    dtype=_dtype_name(dtype),
+                    dtype=dtype_name(dtype),
                     device=device,
                     fwd_ms=fwd,
                     bwd_ms=bwd,
@@ -360,203 +333,13 @@ def run_benchmark(
     settings = {
         "replicas": replicas,
         "device": device,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "channels_last": channels_last,
         "repeats": repeats,
         "warmup": warmup,
         "processes": processes,
     }
     return BenchReport(rows=rows, machine=machine, settings=settings)
-
-
-@dataclass
-class _Case:
-    impl: str
-    replicas: int
-    module: nn.Module
-
-
-def _cases(
-    module: nn.Module, replicas: int, devices: list[torch.device], dtype: torch.dtype, channels_last: bool
-) -> list[_Case]:
-    """The reference and its rivals, each with its own copy of ``module`` (left unchanged)."""
-    module = copy.deepcopy(module).to(devices[0], dtype).train()
-    if channels_last:
-        # Conv weights take the input's layout, or every conv would convert it back and forth;
-        # module.to(memory_format=...) would skip the 5-D weights of Conv3d.
-        for param in module.parameters():
-            if param.dim() in (4, 5):
-                param.data = param.data.contiguous(memory_format=_channels_last_format(param.dim()))
-
-    def parallel(m: nn.Module) -> nn.Module:
-        # One replica is the module itself: DataParallel would only add its own call.
-        return DataParallel(m, device_ids=devices, replicas=replicas) if replicas > 1 else m
-
-    cases = [_Case(REFERENCE, 1, copy.deepcopy(module))]
-    if replicas > 1:
-        cases.append(_Case(SYNCBN, 1, convert_model(copy.deepcopy(module))))
-    cases.append(_Case(SYNCBN, replicas, parallel(convert_model(copy.deepcopy(module)))))
-    cases.append(_Case(UNSYNCED, replicas, parallel(copy.deepcopy(module))))
-    return cases
-
-
-@dataclass
-class _Rounds:
-    """How many rounds one workload runs, and how to report them to ``progress``."""
-
-    warmup: int
-    repeats: int
-    label: str
-    done_before: int
-    total: int
-    progress: Progress | None
-
-    def report(self, round_: int) -> None:
-        if self.progress is None:
-            return
-        if round_ < self.warmup:
-            stage = f"warmup {round_ + 1}/{self.warmup}"
-        else:
-            stage = f"repeat {round_ - self.warmup + 1}/{self.repeats}"
-        self.progress(self.done_before + round_, self.total, f"{self.label}: {stage}")
-
-
-def _measure(
-    cases: list[_Case], x: Tensor, cotangent: Tensor, device: torch.device, rounds: _Rounds
-) -> list[tuple[float, float]]:
-    """Median (forward ms, backward ms) of each case; a round runs every case once, interleaved."""
-    timings: list[list[tuple[float, float]]] = [[] for _ in cases]
-    for round_ in range(rounds.warmup + rounds.repeats):
-        rounds.report(round_)
-        # Each round starts with a different case: whichever runs first, or right after
-        # the thread-spawning DataParallel cases, is not always the same one.
-        for i in range(len(cases)):
-            index = (round_ + i) % len(cases)
-            measured = time_step(cases[index].module, x, cotangent, device)
-            if round_ >= rounds.warmup:
-                timings[index].append(measured)
-    return [
-        (statistics.median(fwd for fwd, _ in times), statistics.median(bwd for _, bwd in times)) for times in timings
-    ]
-
-
-def _measure_on_processes(
-    module: nn.Module, x: Tensor, cotangent: Tensor, replicas: int, rounds: _Rounds, *, convert: bool
-) -> tuple[float, float]:
-    """Median (forward ms, backward ms) on R gloo processes, each timing its own shard.
-
-    A round lasts as long as its slowest rank, so per round the maximum over ranks counts.
-    """
-    if rounds.progress is not None:
-        what = SYNCBN_GLOO if convert else UNSYNCED_GLOO
-        rounds.progress(rounds.done_before, rounds.total, f"{rounds.label}: {what} on {replicas} processes")
-    candidate = convert_model(copy.deepcopy(module)) if convert else copy.deepcopy(module)
-    per_rank = run_on_processes(
-        _time_rank,
-        replicas,
-        backend="gloo",
-        timeout=120.0,
-        args=(candidate, x, cotangent, rounds.warmup, rounds.repeats),
-    )
-    per_round = [(max(f for f, _ in step), max(b for _, b in step)) for step in zip(*per_rank, strict=True)]
-    return statistics.median(f for f, _ in per_round), statistics.median(b for _, b in per_round)
-
-
-def _time_rank(
-    rank: int, world: int, module: nn.Module, x: Tensor, cotangent: Tensor, warmup: int, repeats: int
-) -> list[tuple[float, float]]:
-    """One rank of ``_measure_on_processes``: its shard's (fwd ms, bwd ms) for each measured round."""
-    import torch.distributed as dist
-
-    rows = torch.split(torch.arange(x.shape[0]), _shard_sizes(x.shape[0], world))[rank]
-    shard, shard_cotangent = x[rows].contiguous(memory_format=_memory_format_of(x)), cotangent[rows]
-    timings = []
-    for round_ in range(warmup + repeats):
-        dist.barrier()  # every rank starts the round together
-        measured = time_step(module, shard, shard_cotangent, x.device)
-        if round_ >= warmup:
-            timings.append(measured)
-    return timings
-
-
-def time_step(module: nn.Module, x: Tensor, cotangent: Tensor, device: torch.device) -> tuple[float, float]:
-    """Milliseconds of one forward (building the graph) and of the backward of its output.
-
-    Example:
-        >>> fwd_ms, bwd_ms = time_step(nn.BatchNorm1d(3), torch.randn(4, 3), torch.ones(4, 3), torch.device("cpu"))
-    """
-    module.zero_grad(set_to_none=True)
-    leaf = x.detach().requires_grad_()  # a fresh leaf: no gradient accumulates into an old .grad
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection in the middle of a step is noise, not the step's cost
-    try:
-        _synchronize(device)
-        start = time.perf_counter()
-        out = module(leaf)
-        _synchronize(device)
-        middle = time.perf_counter()
-        out.backward(cotangent)
-        _synchronize(device)
-        end = time.perf_counter()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return (middle - start) * 1e3, (end - middle) * 1e3
-
-
-def _start_torch(device: torch.device) -> None:
-    """One tiny BatchNorm step: the first of a process pays one-off start-up costs (autograd,
-    thread pools, lazy imports: 0.1-0.4 s on a CPU) that would otherwise land on a measured
-    step when ``warmup`` is 0."""
-    x = torch.randn(4, 2, device=device, requires_grad=True)
-    out = torch.nn.functional.batch_norm(x, None, None, training=True)
-    # With an explicit gradient, as every timed step passes one: the first such backward
-    # imports torch.fx's symbolic shapes (and sympy), ~0.35 s.
-    out.backward(torch.ones_like(out))
-
-
-def _cotangent_for(module: nn.Module, x: Tensor, generator: torch.Generator) -> Tensor:
-    """A fixed random cotangent of the output's shape, dtype and layout (one forward to learn them)."""
-    with torch.no_grad():
-        out = copy.deepcopy(module)(x)  # a copy: the running statistics stay as they are
-    cotangent = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(out.device, out.dtype)
-    return cotangent.contiguous(memory_format=_memory_format_of(out))
-
-
-def _random(shape: Shape, dtype: torch.dtype, device: torch.device, channels_last: bool, generator) -> Tensor:
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-    if channels_last and len(shape) in (4, 5):
-        x = x.contiguous(memory_format=_channels_last_format(len(shape)))
-    return x
-
-
-def _channels_last_format(dim: int) -> torch.memory_format:
-    return torch.channels_last if dim == 4 else torch.channels_last_3d
-
-
-def _memory_format_of(t: Tensor) -> torch.memory_format:
-    if t.dim() in (4, 5) and not t.is_contiguous():
-        fmt = _channels_last_format(t.dim())
-        if t.is_contiguous(memory_format=fmt):
-            return fmt
-    return torch.contiguous_format
-
-
-def _synchronize(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: without this we would time the launches only.
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _replica_devices(device: str) -> list[torch.device]:
-    if device == "cuda":
-        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    # Explicit, so that a machine with CUDA still runs CPU replicas on the CPU.
-    return [torch.device("cpu")]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _check_arguments(
@@ -597,6 +380,28 @@ def _check_arguments(
             )
         if model_batch_size < 2:
             raise ValueError(f"model_batch_size must be at least 2 (got {model_batch_size})")
+
+
+# Tensors of a workload's input size held at once: the input and cotangent, and per
+# implementation (up to four in one process) an input gradient, output and saved copy.
+_INPUT_COPIES = 14
+
+
+def _check_memory(
+    shapes: list[Shape],
+    dtype: torch.dtype,
+    device: str,
+    model_input_shape: Sequence[int] | None,
+    model_batch_size: int,
+) -> None:
+    """Refuse a workload whose input-sized tensors alone exceed the memory available."""
+    workloads = list(shapes)
+    if model_input_shape is not None:
+        workloads.append((model_batch_size, *model_input_shape))
+    for shape in workloads:
+        check_memory(
+            f"shape {format_shape(shape)} in {dtype_name(dtype)}", _INPUT_COPIES * tensor_bytes(shape, dtype), device
+        )
 
 
 def _check_splittable(shape: Shape, replicas: int) -> None:

@@ -30,10 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from syncbn.bench import REFERENCE, SYNCBN, BenchReport, machine_info, run_benchmark, time_step
+from syncbn.bench import REFERENCE, SYNCBN, BenchReport, machine_info, run_benchmark
 from syncbn.convert import convert_model
 from syncbn.parallel import DataParallel
+from syncbn.timing import time_step
+from syncbn.workload import DTYPES
 
+PERF_DTYPE = "float32"  # every target is measured in it
 RATIO_SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14))
 BN1D_SHAPE = (256, 1024)
 MEMORY_SHAPE = (32, 64, 56, 56)
@@ -103,7 +106,7 @@ def run_perf_suite(
         for replicas, bound in ((1, 1.0), (REPLICAS, 1.2)):
             run = run_benchmark(
                 RATIO_SHAPES, replicas=replicas, channels_last=channels_last, repeats=repeats, warmup=warmup,
-                processes=False, overhead=False,
+                processes=False, overhead=False, dtype=DTYPES[PERF_DTYPE],
             )  # fmt: skip
             runs.append(run)
             for shape in RATIO_SHAPES:
@@ -117,13 +120,16 @@ def run_perf_suite(
                     name = f"R={replicas} floor, DataParallel(nn.Identity) {text} {layout}"
                     targets.append(PerfTarget(name, floor / reference.total_ms, None, "x"))
     step(2, "BatchNorm1d")
-    run = run_benchmark([BN1D_SHAPE], replicas=1, repeats=repeats, warmup=warmup, processes=False, overhead=False)
+    dtype = DTYPES[PERF_DTYPE]
+    run = run_benchmark(
+        [BN1D_SHAPE], replicas=1, repeats=repeats, warmup=warmup, processes=False, overhead=False, dtype=dtype
+    )
     runs.append(run)
     row = next(r for r in run.rows if r.impl == SYNCBN)
     targets.append(PerfTarget("1 replica, BatchNorm1d 256x1024", row.ratio, 1.0, "x"))
     step(3, "synchronization overhead")
-    threads = run_benchmark([], replicas=REPLICAS, repeats=repeats, warmup=warmup, processes=False, overhead=True)
-    gloo = run_benchmark([], replicas=2, repeats=repeats, warmup=warmup, processes=True, overhead=True)
+    threads = run_benchmark([], replicas=REPLICAS, repeats=repeats, warmup=warmup, processes=False, dtype=dtype)
+    gloo = run_benchmark([], replicas=2, repeats=repeats, warmup=warmup, processes=True, dtype=dtype)
     runs += [threads, gloo]
     by_backend = {(e["backend"], e["replicas"]): e for e in threads.overhead + gloo.overhead}
     targets.append(

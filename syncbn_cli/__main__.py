@@ -2,4 +2,6 @@
 
 from syncbn_cli.main import main
 
-main()
+# Guarded: a rank process started with spawn imports the parent's main module again.
+if __name__ == "__main__":
+    main()

@@ -1,21 +1,27 @@
 """CLI failures and their exit codes, mapped in one place (``exits_cleanly``).
 
-Exit codes: 0 success or pass, 1 verification mismatch, 2 bad input or usage.
+Exit codes: 0 success or pass, 1 verification mismatch, 2 bad input or usage, 130 interrupted
+(Ctrl-C). Whatever goes wrong, stderr gets one line, never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
+
+from syncbn.workload import NotEnoughMemoryError, is_out_of_memory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
 class BadInput(Exception):
@@ -25,6 +31,9 @@ class BadInput(Exception):
 def exits_cleanly(command: F) -> F:
     """Turn ``BadInput`` into one line on stderr (``error: ...``) and exit code 2.
 
+    Running out of memory is bad input too (the line says so); Ctrl-C prints
+    ``interrupted`` and exits with 130. Python warnings print as one ``warning: ...`` line.
+
     Example:
         >>> @exits_cleanly
         ... def command():
@@ -33,13 +42,50 @@ def exits_cleanly(command: F) -> F:
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except BadInput as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            try:
+                return command(*args, **kwargs)
+            except BadInput as error:
+                typer.echo(f"error: {error}", err=True)
+                raise typer.Exit(EXIT_BAD_INPUT) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+            except (MemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                message = " ".join(str(error).split()) or type(error).__name__
+                typer.echo(f"error: out of memory ({message}): use smaller inputs or batches", err=True)
+                raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return run  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def library_errors(*, too_large: str) -> Iterator[None]:
+    """The library's refusals as ``BadInput``: bad arguments as they are, a run too large with ``too_large``.
+
+    The library checks every argument before it computes anything, so a ``ValueError`` or
+    ``TypeError`` from it is the user's input, and its message already names the argument.
+
+    Example:
+        >>> with library_errors(too_large="use a smaller --batch-size"):
+        ...     pass
+    """
+    try:
+        yield
+    except NotEnoughMemoryError as error:
+        raise BadInput(f"{error}: {too_large}") from None
+    except (ValueError, TypeError) as error:
+        raise BadInput(" ".join(str(error).split())) from None
+
+
+def show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """A warning as one line on stderr: its message, never the source line that raised it."""
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
 
 def require_positive(**options: int | None) -> None:

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import pickletools
+import stat
 import sys
 import tempfile
 import warnings
@@ -127,7 +128,12 @@ def resolve_factory(spec: str) -> Callable[[], Any]:
         raise BadInput(f"--factory expects MOD:FN, e.g. sample_models.resnet:resnet_tiny (got {spec!r})")
     module = _import_file(module_name) if module_name.endswith(".py") else _import_module(module_name)
     factory = getattr(module, function_name, None)
-    if factory is None or not callable(factory):
+    if factory is not None and not callable(factory):
+        raise BadInput(
+            f"{module_name}:{function_name} is not callable (it is a {type(factory).__name__}): "
+            "--factory names a function that builds the model"
+        )
+    if factory is None:
         available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise BadInput(f"{module_name} has no function {function_name!r}; callables there: {_listing(available)}")
     return factory
@@ -189,8 +195,14 @@ def read_checkpoint(
     return _find_state_dict(content, path, key)
 
 
+# Words a user may write after a flag that takes no value (``--json true``).
+_FLAG_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
 def check_readable(path: Path) -> None:
     """Fail early, before any work, if ``path`` is not a file this process can read."""
+    if not path.exists() and str(path).lower() in _FLAG_VALUES:
+        raise BadInput(f"{path}: no such file; flags take no value (write --json, not --json {path})")
     if not path.exists():
         raise BadInput(f"{path}: no such file")
     if not path.is_file():
@@ -390,7 +402,27 @@ def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Tensor],
             + "; ".join(problems)
             + ". Is --factory the right architecture?"
         )
+    _take_dtypes(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
+
+
+def _take_dtypes(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Give each floating parameter and buffer of ``model`` the dtype the checkpoint stores it in.
+
+    A factory builds float32; a float16 checkpoint must stay float16 through convert and
+    revert (loading would otherwise widen it, and the file written would double in size).
+    """
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        stored = state_dict.get(name)
+        if stored is None or not (stored.is_floating_point() and tensor.is_floating_point()):
+            continue
+        if stored.dtype != tensor.dtype:
+            module_name, _, attribute = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if attribute in module._parameters:
+                module._parameters[attribute].data = tensor.data.to(stored.dtype)
+            else:
+                module._buffers[attribute] = tensor.to(stored.dtype)
 
 
 # ------------------------------------------------------------------------------- writing
@@ -419,6 +451,8 @@ def save_weights(state_dict: Mapping[str, Tensor], path: Path, metadata: Mapping
     """
     check_writable(path, force=force)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    # A new file gets the mode the umask gives; an overwritten one keeps its own.
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
     try:
         handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
@@ -429,13 +463,23 @@ def save_weights(state_dict: Mapping[str, Tensor], path: Path, metadata: Mapping
             save_file(tensors, temp_name, metadata={"format": "pt", "syncbn": json.dumps(dict(metadata))})
         else:
             torch.save(tensors, temp_name)
+        os.chmod(temp_name, mode)
         os.replace(temp_name, path)
-    except OSError as error:
+    except (OSError, SafetensorError, RuntimeError) as error:
+        # Disk full, quota, I/O errors: safetensors and torch.save raise their own types for them.
         Path(temp_name).unlink(missing_ok=True)
-        raise BadInput(f"cannot write {path}: {error.strerror or _one_line(error)}") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
+        raise BadInput(f"cannot write {path}: {reason}; no file written") from None
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, the only portable way, and setting it back)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def read_syncbn_metadata(path: Path) -> dict[str, Any] | None:

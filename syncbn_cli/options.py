@@ -11,6 +11,15 @@ from typing import Annotated
 
 import typer
 
+from syncbn.verify import BACKENDS, DEFAULT_MAX_RATIO, DEFAULT_TOLERANCES
+from syncbn.workload import DEVICES, DTYPES, dtype_name
+
+
+def flag(*names: str, help: str) -> typer.models.OptionInfo:
+    """A boolean option shown as a flag (``--json``), not as an option taking a ``<bool>`` value."""
+    return typer.Option(*names, help=help, metavar="")
+
+
 Source = Annotated[
     Path,
     typer.Argument(
@@ -39,7 +48,7 @@ Factory = Annotated[
 ]
 TrustPickle = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--trust-pickle",
         help="Allow loading a pickled whole model. Unpickling runs arbitrary code: only for files you trust.",
     ),
@@ -52,8 +61,8 @@ Key = Annotated[
         show_default=False,
     ),
 ]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite the output file if it exists.")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+Force = Annotated[bool, flag("--force", help="Overwrite the output file if it exists.")]
+Json = Annotated[bool, flag("--json", help="Print one JSON document on stdout instead of tables.")]
 Replicas = Annotated[
     int | None,
     typer.Option(
@@ -63,10 +72,7 @@ Replicas = Annotated[
         show_default=False,
     ),
 ]
-Devices = Annotated[
-    str,
-    typer.Option("--devices", help="Where replicas run: cpu or cuda."),
-]
+Devices = Annotated[str, typer.Option("--devices", help=f"Where replicas run: {' or '.join(DEVICES)}.")]
 ConvertOutput = Annotated[
     Path | None,
     typer.Option(
@@ -92,8 +98,9 @@ Backend = Annotated[
     str,
     typer.Option(
         "--backend",
-        help="How replicas talk: threads (one process; CUDA devices or virtual CPU replicas), or gloo / "
-        "nccl (one local process per replica, torch.distributed on 127.0.0.1; nccl needs a GPU per replica).",
+        help=f"How replicas talk ({', '.join(BACKENDS)}): threads (one process; CUDA devices or virtual CPU "
+        "replicas), or gloo / nccl (one local process per replica, torch.distributed on 127.0.0.1; nccl needs a GPU "
+        "per replica).",
     ),
 ]
 BatchSize = Annotated[
@@ -117,7 +124,7 @@ InputShape = Annotated[
 ]
 Steps = Annotated[int, typer.Option("--steps", help="Training steps: forward, backward, SGD.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seeds the model's initialization, the inputs and the gradients.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="dtype to run in: float32, float64 or bfloat16.")]
+Dtype = Annotated[str, typer.Option("--dtype", help=f"dtype to run in: {', '.join(DTYPES)}.")]
 ReferenceDtype = Annotated[
     str | None,
     typer.Option(
@@ -126,17 +133,36 @@ ReferenceDtype = Annotated[
         show_default=False,
     ),
 ]
+
+
+def _defaults(attribute: str) -> str:
+    """``float32 1e-4, ...``: a tolerance's default per dtype, for help texts."""
+    return ", ".join(f"{dtype_name(d)} {getattr(t, attribute):g}" for d, t in DEFAULT_TOLERANCES.items())
+
+
 Rtol = Annotated[
     float | None,
     typer.Option(
-        "--rtol", help="Relative tolerance (default by dtype: float64 1e-7, float32 1e-4).", show_default=False
+        "--rtol",
+        help=f"Relative tolerance of float64 runs against the reference (default by dtype: {_defaults('rtol')}).",
+        show_default=False,
     ),
 ]
 Atol = Annotated[
     float | None,
     typer.Option(
         "--atol",
-        help="Absolute tolerance, for tensors smaller than atol/rtol (default by dtype: float64 1e-7, float32 1e-4).",
+        help="Absolute tolerance: an error within it passes whatever the ratio (default by dtype: "
+        f"{_defaults('atol')}).",
+        show_default=False,
+    ),
+]
+MaxRatio = Annotated[
+    float | None,
+    typer.Option(
+        "--max-ratio",
+        help="Runs in other dtypes than float64: how many times one device's error against the float64 truth "
+        f"SyncBN's may be (default {DEFAULT_MAX_RATIO:g}).",
         show_default=False,
     ),
 ]

@@ -9,10 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 # Piped output (CI logs, files) gets a wide page instead of rich's 80 columns, so tables
@@ -58,6 +60,36 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def layer_count(count: int, kind: str = "") -> str:
+    """``"1 BatchNorm layer"``, ``"9 BatchNorm layers"``.
+
+    Example:
+        >>> layer_count(1, "BatchNorm"), layer_count(9)
+        ('1 BatchNorm layer', '9 layers')
+    """
+    return f"{count} {kind}{' ' if kind else ''}layer{'' if count == 1 else 's'}"
+
+
 def note(message: str) -> None:
     """A diagnostic line on stderr (never mixed into results on stdout)."""
     err_console.print(message, markup=False, soft_wrap=True)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A transient progress bar on stderr, and the ``progress(done, total, description)`` callback that moves it.
+
+    Only on a terminal: piped stderr gets no bar, so that it holds diagnostics alone
+    (an error is then the first line, not one after the bar's last frame).
+    """
+    if not err_console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def advance(done: int, total: int, text: str) -> None:
+            bar.update(task, completed=done, total=total, description=text)
+
+        yield advance

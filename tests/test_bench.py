@@ -229,7 +229,7 @@ def test_cli_help_has_an_example():
         (["--shapes", "4x3x2x2x2x2"], "error: --shapes: malformed shape"),
         (["--json", "--csv"], "error: --json and --csv exclude each other"),
         (["--replicas", "0"], "error: --replicas must be at least 1 (got 0)"),
-        (["--dtype", "int8"], "error: --dtype must be one of float32, bfloat16, float64"),
+        (["--dtype", "int8"], "error: --dtype must be one of float32, float64, bfloat16, float16 (got 'int8')"),
         (["--devices", "tpu"], "error: --devices must be cpu or cuda"),
         (["--repeats", "0"], "error: --repeats must be at least 1 and --warmup at least 0 (got 0 and 2)"),
         (["--warmup", "-1"], "error: --repeats must be at least 1"),

@@ -60,6 +60,16 @@ def raising():
 
 def not_a_module():
     return {"layers": 3}
+
+
+NOT_CALLABLE = 3
+
+
+def warns():
+    import warnings
+
+    warnings.warn("this factory is deprecated", UserWarning, stacklevel=1)
+    return build()
 """
 # Wide enough that rich never folds a name in a table cell.
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -438,6 +448,11 @@ def test_state_dict_without_architecture(work):
         ("{d}/models.py:raising", "factory {d}/models.py:raising raised RuntimeError: weights server unreachable"),
         ("{d}/models.py:not_a_module", "factory {d}/models.py:not_a_module returned dict, expected a torch.nn.Module"),
         ("{d}/nowhere.py:build", "factory file {d}/nowhere.py does not exist"),
+        (
+            "{d}/models.py:NOT_CALLABLE",
+            "{d}/models.py:NOT_CALLABLE is not callable (it is a int): "
+            "--factory names a function that builds the model",
+        ),
     ],
 )
 def test_bad_factories(work, factory, message):
@@ -487,6 +502,8 @@ def test_already_synchronized_model_is_refused(work):
         ),
         ("out", "{d}/out is a directory; name the output file, e.g. {d}/out/model.syncbn.safetensors"),
         ("out/x.pt", "convert writes safetensors: name the output *.safetensors (got {d}/out/x.pt)"),
+        # The suffix is checked first: asking for --force would not have helped.
+        ("model.pt", "convert writes safetensors: name the output *.safetensors (got {d}/model.pt)"),
     ],
 )
 def test_bad_outputs(work, output, message):
@@ -635,3 +652,88 @@ def test_revert_output_exists_needs_force(work):
     result = invoke("revert", work / "model.pt", "--factory", RESNET, "-o", work / "out" / "plain.pt")
     assert_bad_input(result, f"{work / 'out' / 'plain.pt'} exists; pass --force to overwrite it")
     assert (work / "out" / "plain.pt").read_bytes() == b"precious"
+
+
+def test_convert_and_revert_keep_each_tensors_dtype(work):
+    half = {
+        key: value.half() if value.is_floating_point() else value for key, value in trained_state(resnet_tiny).items()
+    }
+    half["head.bias"] = half["head.bias"].double()  # mixed dtypes stay mixed
+    torch.save(half, work / "half.pt")
+    result = invoke("convert", work / "half.pt", "--factory", RESNET, "-o", work / "out" / "half.safetensors")
+    assert result.exit_code == 0, result.output
+    written = load_file(str(work / "out" / "half.safetensors"))
+    assert {key: value.dtype for key, value in written.items()} == {key: value.dtype for key, value in half.items()}
+    assert all(torch.equal(written[key], value) for key, value in half.items())
+    result = invoke("revert", work / "out" / "half.safetensors", "--factory", RESNET, "-o", work / "out" / "plain.pt")
+    assert result.exit_code == 0, result.output
+    reverted = torch.load(work / "out" / "plain.pt", weights_only=True)
+    assert {key: value.dtype for key, value in reverted.items()} == {key: value.dtype for key, value in half.items()}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_honour_the_umask_and_force_keeps_the_mode(work, umask):
+    out = work / "out" / "resnet.safetensors"
+    previous = os.umask(umask)
+    try:
+        result = invoke("convert", work / "model.pt", "--factory", RESNET, "-o", out)
+        assert result.exit_code == 0, result.output
+        assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+        reverted = work / "out" / "plain.pt"
+        result = invoke("revert", out, "--factory", RESNET, "-o", reverted)
+        assert result.exit_code == 0, result.output
+        assert reverted.stat().st_mode & 0o777 == 0o666 & ~umask
+        out.chmod(0o640)
+        result = invoke("convert", work / "model.pt", "--factory", RESNET, "-o", out, "--force")
+        assert result.exit_code == 0, result.output
+        assert out.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)
+
+
+DISK_FULL = [
+    OSError(28, "No space left on device"),
+    # What safetensors and torch.save raise when the disk fills under them.
+    pytest.param("SafetensorError", id="SafetensorError"),
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed"),
+]
+
+
+@pytest.mark.parametrize("failure", DISK_FULL, ids=["OSError", "SafetensorError", "torch.save RuntimeError"])
+@pytest.mark.parametrize("command", ["convert", "revert"])
+def test_a_full_disk_is_one_line_and_no_file(work, monkeypatch, command, failure):
+    from safetensors import SafetensorError
+
+    from syncbn_cli import io
+
+    if failure == "SafetensorError":
+        failure = SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    def write_half_then_fail(*args, **kwargs):
+        target = args[1] if len(args) > 1 else kwargs.get("filename", kwargs.get("f"))
+        Path(target).write_bytes(b"half a file")
+        raise failure
+
+    torch.save(syncbn.convert_model(resnet_tiny()), work / "synced.pt")
+    monkeypatch.setattr(io, "save_file", write_half_then_fail)
+    monkeypatch.setattr(io.torch, "save", write_half_then_fail)
+    if command == "convert":
+        out = work / "out" / "resnet.safetensors"
+        result = invoke("convert", work / "model.pt", "--factory", RESNET, "-o", out)
+    else:
+        out = work / "out" / ("plain.pt" if isinstance(failure, RuntimeError) else "plain.safetensors")
+        result = invoke("revert", work / "synced.pt", "--trust-pickle", "-o", out)
+    assert_bad_input(result, contains=(f"cannot write {out}: ", "; no file written"))
+    assert files_in(work / "out") == []
+
+
+def test_inspect_json_true_says_flags_take_no_value(work):
+    result = invoke("inspect", "--json", "true")
+    assert_bad_input(result, "true: no such file; flags take no value (write --json, not --json true)")
+
+
+def test_warnings_print_one_line_without_source(work):
+    result = invoke("inspect", "--factory", f"{work / 'models.py'}:warns")
+    assert result.exit_code == 0, result.output
+    assert "warning: this factory is deprecated\n" in result.stderr
+    assert "warnings.warn" not in result.stderr and "models.py" not in result.stderr

@@ -166,7 +166,9 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, failure):
     with pytest.raises(expected) as raised:
         io.save_weights(state_of(mlp_bn1d()), tmp_path / "w.safetensors", {}, force=True)
     if expected is BadInput:
-        assert str(raised.value) == f"cannot write {tmp_path / 'w.safetensors'}: No space left on device"
+        assert (
+            str(raised.value) == f"cannot write {tmp_path / 'w.safetensors'}: No space left on device; no file written"
+        )
     assert os.listdir(tmp_path) == ["w.safetensors"]
     assert (tmp_path / "w.safetensors").read_bytes() == b"old"
 

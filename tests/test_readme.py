@@ -26,5 +26,10 @@ def test_python_api_example_runs_and_shows_synchronization():
 def test_readme_shows_setup_and_test_commands():
     text = README.read_text()
     assert "pip install -e '.[test]'" in text and "python -m pytest" in text
+    # The CPU build where the index serves only CUDA builds, and what happens to an installed torch.
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+    assert "Any installed torch >= 2.1 is kept" in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu" in ci
     for command in ("verify", "convert", "inspect", "revert", "bench"):
         assert f"$ syncbn {command}" in text, f"no worked example of syncbn {command}"

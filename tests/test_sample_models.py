@@ -63,3 +63,10 @@ def test_fused_activation_survives_conversion():
     converted = syncbn.convert_model(model)
     assert isinstance(converted[1], BatchNormAct2d) and isinstance(converted[1].act, nn.SiLU)
     torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
+
+
+def test_resnet_tiny_docstring_counts_its_batch_norm_layers():
+    from sample_models.resnet import resnet_tiny
+
+    count = sum(isinstance(m, nn.BatchNorm2d) for m in resnet_tiny().modules())
+    assert count == 9 and f"and {count} BatchNorm2d layers" in resnet_tiny.__doc__

@@ -100,3 +100,74 @@ def test_run_on_processes_rejects_bad_arguments():
         run_on_processes(print, 2, backend="mpi")
     with pytest.raises(ValueError, match="world_size must be at least 1"):
         run_on_processes(print, 0)
+
+
+SPAWNED_MODULE = """
+from torch import nn
+
+from sample_models import example_input
+
+
+class Doubler(nn.Module):  # a class a fresh interpreter finds only by loading this file
+    def forward(self, x):
+        return 2 * x
+
+
+@example_input(3, 6, 6)
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Doubler())
+"""
+
+
+def test_spawn_refuses_what_cannot_be_pickled():
+    class Local(torch.nn.Module):  # defined inside a function: a fresh interpreter cannot find it
+        pass
+
+    with pytest.raises(ValueError, match="define the model's classes and functions at module level"):
+        run_on_processes(print, 2, args=(Local(),), start_method="spawn")
+    with pytest.raises(ValueError, match="start_method must be one of fork, spawn"):
+        run_on_processes(print, 2, start_method="forkserver")
+
+
+def test_spawned_ranks_load_classes_from_a_factory_file(tmp_path):
+    import sys
+
+    from syncbn_cli.io import build_from_factory
+
+    (tmp_path / "spawned.py").write_text(textwrap.dedent(SPAWNED_MODULE))
+    model, _ = build_from_factory(f"{tmp_path / 'spawned.py'}:build")  # loaded by file path, as --factory does
+    doubler = model[2]
+    assert type(doubler).__module__ in sys.modules and not type(doubler).__module__.startswith("spawned")
+    assert run_on_processes(_doubled_sum, 2, args=(doubler,), start_method="spawn", timeout=60) == [6.0, 6.0]
+
+
+def _doubled_sum(rank, world, doubler):
+    value = doubler(torch.tensor([rank + 1.0]))
+    torch.distributed.all_reduce(value)
+    return value.item()
+
+
+def test_verify_starts_nccl_ranks_with_spawn_and_what_it_sends_them_pickles(tmp_path, monkeypatch):
+    from syncbn.launch import _Pickled
+    from syncbn.verify import processes
+    from syncbn_cli.io import build_from_factory
+
+    assert processes.rank_start_method("nccl") == "spawn"
+    if not torch.cuda.is_initialized():
+        assert processes.rank_start_method("gloo") == "fork"
+    sent = []
+
+    def spawn(function, world_size, *, backend, timeout, args, start_method):
+        # What the ranks would receive: pickled, then loaded as a fresh interpreter loads it.
+        function, args = _Pickled.pack(function, args).unpack()
+        sent.append((start_method, function, args))
+        raise ProcessGroupFailure({0: "not started by this test"}, world_size)
+
+    monkeypatch.setattr(processes, "rank_start_method", lambda backend: "spawn")
+    monkeypatch.setattr(processes, "run_on_processes", spawn)
+    (tmp_path / "spawned.py").write_text(textwrap.dedent(SPAWNED_MODULE))
+    model, shape = build_from_factory(f"{tmp_path / 'spawned.py'}:build")
+    report = verify_model(model, shape, replicas=2, backend="gloo", device="cpu")
+    assert report.synced.error == "rank 0 of 2: not started by this test"
+    assert [start for start, _, _ in sent] == ["spawn", "spawn"]
+    assert sent[0][1] is processes.train_shards and type(sent[0][2][0][-1]).__name__ == "Doubler"

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from syncbn.bench import (
     DEFAULT_MODEL_BATCH,
     DEFAULT_REPEATS,
     DEFAULT_SHAPES,
     DEFAULT_WARMUP,
-    DTYPES,
     BenchReport,
     BenchRow,
     format_shape,
     parse_shapes,
     run_benchmark,
 )
-from syncbn.perf import run_perf_suite
+from syncbn.perf import PERF_DTYPE, run_perf_suite
+from syncbn.workload import DEVICES, DTYPES
 from syncbn_cli import render
-from syncbn_cli.errors import BadInput, require_positive
+from syncbn_cli.errors import BadInput, library_errors, require_positive
 from syncbn_cli.io import build_from_factory
-from syncbn_cli.options import Devices, Json, Replicas
+from syncbn_cli.options import Devices, Json, Replicas, flag
 
 DEFAULT_MODEL = "sample_models.resnet:resnet_tiny"
 
@@ -37,11 +35,11 @@ Shapes = Annotated[
         show_default=False,
     ),
 ]
-Dtype = Annotated[str, typer.Option("--dtype", help=f"Dtype of inputs and weights: {'|'.join(DTYPES)}.")]
-ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="Channels-last memory format for 4-D/5-D inputs.")]
+Dtype = Annotated[str, typer.Option("--dtype", help=f"Dtype of inputs and weights: {', '.join(DTYPES)}.")]
+ChannelsLast = Annotated[bool, flag("--channels-last", help="Channels-last memory format for 4-D/5-D inputs.")]
 Repeats = Annotated[int, typer.Option("--repeats", help="Measured repeats; medians are reported.")]
 Warmup = Annotated[int, typer.Option("--warmup", help="Unmeasured repeats run first.")]
-Csv = Annotated[bool, typer.Option("--csv", help="Print the rows as CSV on stdout instead of tables.")]
+Csv = Annotated[bool, flag("--csv", help="Print the rows as CSV on stdout instead of tables.")]
 Model = Annotated[
     str,
     typer.Option(
@@ -50,9 +48,33 @@ Model = Annotated[
     ),
 ]
 ModelBatchSize = Annotated[int, typer.Option("--model-batch-size", help="Full batch size of the model's step.")]
+Processes = Annotated[
+    bool,
+    flag("--processes/--no-processes", help="Also time SyncBN and unsynced BN on R local gloo processes (CPU only)."),
+]
+Overhead = Annotated[
+    bool,
+    flag(
+        "--overhead/--no-overhead",
+        help="Also measure the synchronization cost per BatchNorm layer call (50 tiny layers).",
+    ),
+]
+Suite = Annotated[
+    str,
+    typer.Option(
+        "--suite",
+        help="default: the tables below. perf: the performance targets (1 replica <= 1.0x, R=4 <= 1.2x, "
+        "sync overhead <= 100 µs per layer call, peak memory <= 1.1x), each measured against nn.BatchNorm in "
+        "float32 on fixed shapes; it takes --repeats, --warmup and the output format only.",
+    ),
+]
+# What --suite perf fixes itself: giving any of these with it is refused.
+PERF_FIXED = ("shapes", "replicas", "devices", "dtype", "channels_last", "model", "model_batch_size", "processes",
+              "overhead")  # fmt: skip
 
 
 def bench(
+    ctx: typer.Context,
     shapes: Shapes = None,
     replicas: Replicas = None,
     devices: Devices = "cpu",
@@ -62,28 +84,9 @@ def bench(
     warmup: Warmup = DEFAULT_WARMUP,
     model: Model = DEFAULT_MODEL,
     model_batch_size: ModelBatchSize = DEFAULT_MODEL_BATCH,
-    processes: Annotated[
-        bool,
-        typer.Option(
-            "--processes/--no-processes",
-            help="Also time SyncBN and unsynced BN on R local gloo processes (CPU only).",
-        ),
-    ] = True,
-    overhead: Annotated[
-        bool,
-        typer.Option(
-            "--overhead/--no-overhead",
-            help="Also measure the synchronization cost per BatchNorm layer call (50 tiny layers).",
-        ),
-    ] = True,
-    suite: Annotated[
-        str,
-        typer.Option(
-            "--suite",
-            help="default: the tables below. perf: the performance targets (1 replica <= 1.0x, R=4 <= 1.2x, "
-            "sync overhead <= 100 µs per layer call, peak memory <= 1.1x), each measured against nn.BatchNorm.",
-        ),
-    ] = "default",
+    processes: Processes = True,
+    overhead: Overhead = True,
+    suite: Suite = "default",
     json: Json = False,
     csv: Csv = False,
 ) -> None:
@@ -108,16 +111,24 @@ def bench(
         raise BadInput("--json and --csv exclude each other: pick one output format")
     if suite not in ("default", "perf"):
         raise BadInput(f"--suite must be default or perf (got {suite!r})")
+    if repeats < 1 or warmup < 0:
+        raise BadInput(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats} and {warmup})")
     if suite == "perf":
+        # By the source's name: typer may bring its own copy of click's ParameterSource.
+        given = [name for name in PERF_FIXED if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+        if given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise BadInput(
+                f"--suite perf measures fixed shapes, replicas and dtype ({PERF_DTYPE}) and ignores {options}: "
+                f"drop {'it' if len(given) == 1 else 'them'}, or leave out --suite perf"
+            )
         _perf_suite(repeats, warmup, json, csv)
         return
     require_positive(replicas=replicas)
-    if repeats < 1 or warmup < 0:
-        raise BadInput(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats} and {warmup})")
     if model_batch_size < 2:
         raise BadInput(f"--model-batch-size must be at least 2 (got {model_batch_size})")
-    if devices not in ("cpu", "cuda"):
-        raise BadInput(f"--devices must be cpu or cuda (got {devices!r})")
+    if devices not in DEVICES:
+        raise BadInput(f"--devices must be {' or '.join(DEVICES)} (got {devices!r})")
     if dtype not in DTYPES:
         raise BadInput(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     try:
@@ -128,26 +139,25 @@ def bench(
     if built is not None and input_shape is None:
         raise BadInput(f"--model {model}: the factory declares no input_shape; give it one (see sample_models)")
 
-    with _ProgressBar() as report_progress:
-        try:
-            report = run_benchmark(
-                shape_list,
-                replicas=replicas,
-                device=devices,
-                dtype=DTYPES[dtype],
-                channels_last=channels_last,
-                repeats=repeats,
-                warmup=warmup,
-                model=built,
-                model_input_shape=input_shape,
-                model_name=model.rsplit(":", 1)[-1],
-                model_batch_size=model_batch_size,
-                progress=report_progress,
-                processes=processes,
-                overhead=overhead,
-            )
-        except ValueError as error:  # the library checks every argument before measuring
-            raise BadInput(str(error)) from None
+    too_large = "use smaller --shapes or --model-batch-size"
+    # A ValueError is a bad argument, or the model failing on its input.
+    with render.progress_bar("measuring") as report_progress, library_errors(too_large=too_large):
+        report = run_benchmark(
+            shape_list,
+            replicas=replicas,
+            device=devices,
+            dtype=DTYPES[dtype],
+            channels_last=channels_last,
+            repeats=repeats,
+            warmup=warmup,
+            model=built,
+            model_input_shape=input_shape,
+            model_name=model.rsplit(":", 1)[-1],
+            model_batch_size=model_batch_size,
+            progress=report_progress,
+            processes=processes,
+            overhead=overhead,
+        )
 
     if json:
         render.print_json(report.as_dict())
@@ -156,29 +166,6 @@ def bench(
     else:
         _print_tables(report)
         _print_overhead(report)
-
-
-class _ProgressBar:
-    """A rich progress bar on stderr, as a ``progress(done, total, description)`` callback."""
-
-    def __enter__(self) -> Callable[[int, int, str], None]:
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=render.err_console,
-            transient=True,
-        )
-        self.bar.__enter__()
-        self.task = self.bar.add_task("measuring", total=None)
-        return self.update
-
-    def update(self, done: int, total: int, description: str) -> None:
-        self.bar.update(self.task, completed=done, total=total, description=description)
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.__exit__(*exc_info)
 
 
 def _print_tables(report: BenchReport) -> None:
@@ -231,9 +218,7 @@ def _ms(value: float) -> str:
 
 def _perf_suite(repeats: int, warmup: int, json: bool, csv: bool) -> None:
     """``--suite perf``: every target with its measured figure and verdict."""
-    if repeats < 1 or warmup < 0:
-        raise BadInput(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats} and {warmup})")
-    with _ProgressBar() as report_progress:
+    with render.progress_bar("measuring") as report_progress:
         report = run_perf_suite(repeats=repeats, warmup=warmup, progress=report_progress)
     if json:
         render.print_json(report.as_dict())
@@ -244,7 +229,7 @@ def _perf_suite(repeats: int, warmup: int, json: bool, csv: bool) -> None:
     machine = report.machine
     render.console.print(
         f"machine: {machine['platform']}\ncpu: {machine['cpu']}, {machine['cores']} cores · torch {machine['torch']}, "
-        f"{machine['threads']} threads\ndate: {machine['date']} · load average: {machine['load']} · float32, "
+        f"{machine['threads']} threads\ndate: {machine['date']} · load average: {machine['load']} · {PERF_DTYPE}, "
         f"forward + backward, ratios to nn.BatchNorm in the same run",
         markup=False,
     )

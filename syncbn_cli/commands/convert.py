@@ -9,7 +9,7 @@ from syncbn.inventory import BatchNormLayer, batch_norm_layers
 from syncbn_cli import io
 from syncbn_cli.errors import BadInput
 from syncbn_cli.options import ConvertOutput, Factory, Force, Json, Key, Source, TrustPickle
-from syncbn_cli.render import console, make_table, print_json
+from syncbn_cli.render import console, layer_count, make_table, print_json
 
 COLUMNS = ("layer", "from", "to", "features", "eps", "momentum", "affine", "running\nstats")
 
@@ -35,9 +35,9 @@ def convert(
     """
     io.check_readable(source)
     target = output if output is not None else io.default_output_path(source)
-    io.check_writable(target, force=force)
-    if target.suffix != ".safetensors":
+    if target.suffix != ".safetensors" and not target.is_dir():
         raise BadInput(f"convert writes safetensors: name the output *.safetensors (got {target})")
+    io.check_writable(target, force=force)
     loaded = io.load_model(source, factory, trust_pickle=trust_pickle, key=key)
     layers = batch_norm_layers(loaded.model)
     converting = _layers_to_convert(layers, source)
@@ -66,15 +66,15 @@ def convert(
             }
         )
     else:
-        title = f"{_layers(len(converting), 'BatchNorm')} converted ({source})"
+        title = f"{layer_count(len(converting), 'BatchNorm')} converted ({source})"
         table = make_table(title, COLUMNS, (_layer_row(layer) for layer in converting))
         for column in table.columns[3:]:
             column.no_wrap = True  # short values: let names fold on a narrow terminal instead
         console.print(table)
     left = len(layers) - len(converting)
     if left:
-        typer.echo(f"{_layers(left)} already synchronized, left as they are", err=True)
-    typer.echo(f"wrote {len(state_dict)} tensors to {target}; {_layers(len(converting))} converted", err=True)
+        typer.echo(f"{layer_count(left)} already synchronized, left as they are", err=True)
+    typer.echo(f"wrote {len(state_dict)} tensors to {target}; {layer_count(len(converting))} converted", err=True)
 
 
 def _layers_to_convert(layers: list[BatchNormLayer], source: object) -> list[BatchNormLayer]:
@@ -87,7 +87,7 @@ def _layers_to_convert(layers: list[BatchNormLayer], source: object) -> list[Bat
     converting = [layer for layer in layers if layer.converts_to is not None]
     if not converting:
         raise BadInput(
-            f"all {_layers(len(layers), 'BatchNorm')} of {source} already synchronize: "
+            f"all {layer_count(len(layers), 'BatchNorm')} of {source} already synchronize: "
             "nothing to convert, no file written"
         )
     return converting
@@ -118,8 +118,3 @@ def _layer_document(layer: BatchNormLayer) -> dict[str, object]:
         "affine": layer.affine,
         "track_running_stats": layer.track_running_stats,
     }
-
-
-def _layers(count: int, kind: str = "") -> str:
-    """``"1 BatchNorm layer"``, ``"9 BatchNorm layers"``."""
-    return f"{count} {kind}{' ' if kind else ''}layer{'' if count == 1 else 's'}"

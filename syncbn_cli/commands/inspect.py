@@ -11,7 +11,7 @@ from sample_models import DEFAULT_SAMPLE
 from syncbn.inventory import BatchNormLayer, batch_norm_layers
 from syncbn_cli import io
 from syncbn_cli.options import Factory, Json, Key, OptionalSource, TrustPickle
-from syncbn_cli.render import console, make_table, print_json
+from syncbn_cli.render import console, layer_count, make_table, print_json
 
 COLUMNS = ("layer", "class", "features", "eps", "momentum", "affine", "running\nstats", "converts to")
 
@@ -67,7 +67,7 @@ def _show(
         )
         return
     if metadata is not None:
-        done, recorded = _recorded_layers(metadata)
+        done, recorded = _recordedlayer_count(metadata)
         console.print(_describe_metadata(source, metadata, done, recorded), markup=False, soft_wrap=True)
         if layers is None and recorded:
             rows = ((layer.get("name"), layer.get("from"), layer.get("to")) for layer in recorded)
@@ -85,7 +85,7 @@ def _show(
     console.print(_summary(layers), markup=False, soft_wrap=True)
 
 
-def _recorded_layers(metadata: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+def _recordedlayer_count(metadata: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """What ``convert`` or ``revert`` did to the file, and the layers it recorded doing it to."""
     done = "reverted" if "reverted_layers" in metadata else "converted"
     layers = metadata.get(f"{done}_layers")
@@ -98,7 +98,7 @@ def _describe_metadata(source: Path | None, metadata: dict[str, Any], done: str,
     origin = metadata.get("source") or "?"
     factory = metadata.get("factory")
     built = f" (model {factory})" if factory else ""
-    return f"{source}: {done} by syncbn {version} from {origin}{built}; {_layers(len(layers))} {done}"
+    return f"{source}: {done} by syncbn {version} from {origin}{built}; {layer_count(len(layers))} {done}"
 
 
 def _layer_row(layer: BatchNormLayer) -> tuple[object, ...]:
@@ -125,14 +125,9 @@ def _summary(layers: list[BatchNormLayer]) -> str:
     converting = sum(layer.converts_to is not None for layer in layers)
     synchronized = sum(layer.synchronized for layer in layers)
     stuck = sum(layer.problem is not None for layer in layers)
-    parts = [_layers(len(layers), "BatchNorm"), f"{converting} convert"]
+    parts = [layer_count(len(layers), "BatchNorm"), f"{converting} convert"]
     if synchronized:
         parts.append(f"{synchronized} already synchronized")
     if stuck:
         parts.append(f"{stuck} cannot be converted")
     return ", ".join(parts)
-
-
-def _layers(count: int, kind: str = "") -> str:
-    """``"1 BatchNorm layer"``, ``"9 BatchNorm layers"``."""
-    return f"{count} {kind}{' ' if kind else ''}layer{'' if count == 1 else 's'}"

@@ -9,7 +9,7 @@ from syncbn.inventory import batch_norm_layers
 from syncbn_cli import io
 from syncbn_cli.errors import BadInput
 from syncbn_cli.options import Factory, Force, Json, Key, RequiredOutput, Source, TrustPickle
-from syncbn_cli.render import console, make_table, print_json
+from syncbn_cli.render import console, layer_count, make_table, print_json
 
 COLUMNS = ("layer", "from", "to", "features")
 
@@ -84,13 +84,8 @@ def revert(
             }
         )
     else:
-        title = f"{_layers(len(rows), 'BatchNorm')} reverted ({source})"
+        title = f"{layer_count(len(rows), 'BatchNorm')} reverted ({source})"
         console.print(make_table(title, COLUMNS, (list(row.values()) for row in rows)))
     typer.echo(
-        f"wrote {len(state_dict)} tensors to {output}; {_layers(len(rows))} reverted to plain BatchNorm", err=True
+        f"wrote {len(state_dict)} tensors to {output}; {layer_count(len(rows))} reverted to plain BatchNorm", err=True
     )
-
-
-def _layers(count: int, kind: str = "") -> str:
-    """``"1 BatchNorm layer"``, ``"9 BatchNorm layers"``."""
-    return f"{count} {kind}{' ' if kind else ''}layer{'' if count == 1 else 's'}"
