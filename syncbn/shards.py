@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 
+# Under torch.compile these run as they are: their tensors over another's memory
+# (``set_``) are nothing a compiled graph can hold.
+@torch.compiler.disable
 def split_batch(whole: Tensor, sizes: Sequence[int], dim: int = 0) -> list[Tensor]:
     """Split ``whole`` along ``dim`` into independent shards that share its memory.
 
@@ -38,6 +41,7 @@ def split_batch(whole: Tensor, sizes: Sequence[int], dim: int = 0) -> list[Tenso
     return shards
 
 
+@torch.compiler.disable
 def join_batch(shards: Sequence[Tensor], dim: int = 0, *, private: bool = False) -> Tensor:
     """``torch.cat(shards, dim)``, without the copy when the shards tile one tensor.
 

@@ -14,7 +14,6 @@ import syncbn
 from sample_models import SAMPLES
 from sample_models.mixed import mixed_net
 from sample_models.resnet import resnet_tiny
-from syncbn.parallel import data_parallel
 from syncbn.verify import (
     Comparison,
     ComparisonSet,
@@ -406,14 +405,9 @@ class StallsOnOneSample(nn.Module):
         return self.bn2(x)
 
 
-def test_the_timeout_reaches_data_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Replicas in threads, as on separate devices: the stalled one keeps its peers waiting.
-    group = data_parallel.ReplicaGroup
-    monkeypatch.setattr(
-        data_parallel,
-        "ReplicaGroup",
-        lambda world_size, timeout, shared_device: group(world_size, timeout, shared_device=False),
-    )
+def test_the_timeout_reaches_data_parallel(statistics_way) -> None:
+    # Replicas in threads, as on separate devices: the stalled (sleeping) one keeps its peers waiting.
+    statistics_way()
     start = time.monotonic()
     stalled = verify_model(StallsOnOneSample(), (3, 5, 5), replicas=3, batch_size=5, timeout=0.3, device="cpu")
     assert time.monotonic() - start < 30
