@@ -148,7 +148,11 @@ def input_gradient(
 ) -> Tensor:
     """BatchNorm's ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` (global means).
 
-    ``dy * invstd * w`` plus a correction affine in ``x - mean`` (centered, so nothing cancels).
+    Three passes and one batch-sized tensor, which becomes ``dx``: ``x - mean32``
+    (centered, so nothing cancels), then an affine map of it in place, then
+    ``+ w * invstd * dy`` in place. With ``dev = x - mean32``:
+    ``dx = s * dy + s * r * dev + s * q``, ``s = w * invstd``, ``r = -invstd * mean(dy * xhat)``,
+    ``q = -mean(dy) + r * (mean32 - mean)``.
 
     Example:
         >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
@@ -156,14 +160,21 @@ def input_gradient(
         >>> input_gradient(dy, x, mean, invstd, None, torch.tensor([1.5]), torch.tensor([0.5])).tolist()
         [[0.0], [0.0]]
     """
-    scale = invstd.double() * (weight.double() if weight is not None else 1.0)
-    correction = affine_in_deviation(input, mean, -scale * invstd.double() * mean_dy_xhat, -scale * mean_dy)
-    if input.numel() <= SMALL:
-        scaled = grad_output.double() * _per_channel(scale, input)
-    else:  # dy * scale: one pass of the inference kernel (no centering needed)
-        dtype = compute_dtype(input.dtype)
-        scaled = _affine(grad_output.to(dtype), scale.to(dtype), torch.zeros_like(scale, dtype=dtype))
-    return scaled.to(correction.dtype).add_(correction).to(input.dtype)
+    invstd = invstd.double()
+    scale = invstd * weight.double() if weight is not None else invstd
+    slope = -invstd * mean_dy_xhat.double()
+    if input.numel() <= SMALL:  # few ops beat fused passes here; float64 is exact enough
+        deviation = input.double() - _per_channel(mean, input)
+        correction = deviation * _per_channel(slope, input) - _per_channel(mean_dy, input)
+        return ((grad_output.double() + correction) * _per_channel(scale, input)).to(input.dtype)
+    dtype = compute_dtype(input.dtype)
+    mean = mean.double()
+    rounded = mean.to(dtype)
+    offset = scale * (slope * (rounded.double() - mean) - mean_dy.double())
+    dx = centered(input, rounded)
+    torch.addcmul(_per_channel(offset, input, dtype), dx, _per_channel(scale * slope, input, dtype), out=dx)
+    dx.addcmul_(grad_output, _per_channel(scale, input, dtype))
+    return dx.to(input.dtype)
 
 
 def _kernel_backward(
@@ -206,9 +217,9 @@ def _affine(values: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
     return F.batch_norm(values, zeros, torch.ones_like(slope), slope, offset, False, 0.0, 0.0)
 
 
-def _per_channel(vector: Tensor, input: Tensor) -> Tensor:
-    """A float64 ``(C,)`` vector shaped to broadcast against ``(N, C, *)`` input."""
-    return vector.double().view(1, -1, *([1] * (input.dim() - 2)))
+def _per_channel(vector: Tensor, input: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A ``(C,)`` vector in ``dtype`` (float64 by default) shaped to broadcast against ``(N, C, *)`` input."""
+    return vector.to(dtype).view(1, -1, *([1] * (input.dim() - 2)))
 
 
 def _as(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:

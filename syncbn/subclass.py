@@ -78,6 +78,7 @@ def _routing_batch_norm(
             eps,
             replica=layer.replica,
             process_group=layer.process_group,
+            layer=layer.module,
         )
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
