@@ -18,9 +18,9 @@ from syncbn.comm.distributed import (
     BACKWARD,
     FORWARD,
     CollectiveTag,
+    PendingGather,
     all_gather_checked,
     all_gather_statistics,
-    all_reduce_sum,
     count_call,
     layer_tag,
 )
@@ -52,8 +52,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # leave every other rank waiting.
         stats = all_gather_statistics(kernels.batch_statistics(input), group, tag)
         count_call(layer, group, tag)
-        check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
-        invstd = torch.rsqrt(stats.m2 / max(stats.count, 1) + eps)
+        if stats.count == 1:
+            check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
+        invstd = (stats.m2 / max(stats.count, 1) + eps).rsqrt_()
         if running_mean is not None and running_var is not None and stats.count > 0:
             update_running_statistics(running_mean, running_var, stats, momentum)
         ctx.save_for_backward(input, weight, stats.mean, stats.m2, invstd)
@@ -74,14 +75,16 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> 
     """The first-order backward: fused passes and one collective of the two gradient sums."""
     input, weight, mean, _, invstd = ctx.saved_tensors
     sum_dy, sum_dy_xhat = kernels.gradient_sums(grad_output, input, mean, invstd)
-    # Every rank joins, an empty one too (its sums are zeros).
-    sums = all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, ctx.tag, BACKWARD)
+    # Every rank joins, an empty one too (its sums are zeros). While the sums travel,
+    # the passes of the input gradient that need no global value run.
+    pending = PendingGather(torch.cat([sum_dy, sum_dy_xhat]), ctx.tag, BACKWARD, ctx.group)
+    deviations = kernels.prepare_input_gradient(input, mean) if ctx.needs_input_grad[0] else None
+    means = pending.wait()[1].sum(0) / max(ctx.count, 1)
     grad_input = None
     if ctx.needs_input_grad[0]:
-        means = sums / max(ctx.count, 1)
         channels = sum_dy.numel()
-        grad_input = kernels.input_gradient(
-            grad_output, input, mean, invstd, weight, means[:channels], means[channels:]
+        grad_input = kernels.finish_input_gradient(
+            deviations, grad_output, input, mean, invstd, weight, means[:channels], means[channels:]
         )
     grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
     grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None

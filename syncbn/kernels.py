@@ -1,21 +1,13 @@
 """SyncBN's per-replica passes over the batch, built from torch's fastest CPU kernels.
 
-Why not plain tensor expressions: on an NCHW tensor, broadcasting a per-channel vector
-(``x - mean.view(1, C, 1, 1)``) runs about 5x slower than BatchNorm's own inference
-kernel, which applies ``x * alpha[c] + beta[c]`` in one vectorized pass, and torch's
-training-mode forward spends most of its time on a slow variance. So each pass here is
-one of three kernels (measured on a 2-core CPU, float32, 32x64x56x56: a copy of the
-tensor takes 1.4 ms):
-
-- ``x.sum(dims)``: per-channel sum, 0.5 ms;
-- ``F.batch_norm(..., training=False)``: the affine pass ``x * alpha + beta``, 1.1 ms;
-  with ``alpha = 1`` and ``beta = -mean`` it is exactly ``x - mean`` (no cancellation);
-- ``native_batch_norm_backward(..., train=False)``: ``dy * invstd * w`` together with
-  the per-channel sums of ``dy`` and ``dy * xhat``, 3.3 ms.
-
-Passes over memory: statistics read x three times and write one temporary
-(sum; x - mean; sum and sum of squares of that); the output is one pass; the backward
-is one fused pass plus one affine pass for the statistics' share of the gradient.
+Each pass is one vectorized torch op over the batch: a per-channel ``sum``, a
+broadcast ``x - mean[c]`` (exactly rounded, so nothing cancels for offset inputs), an
+in-place square or per-channel ``mul_``/``add_``/``addcmul_``, and BatchNorm's own
+inference kernel for the output (``x * alpha[c] + beta[c]`` in one pass). Reductions
+run in the compute dtype (float32, or float64 for float64 input) and their results are
+carried on in float64, where rounding residues are corrected. Inputs of up to ``SMALL``
+elements take a few float64 ops instead: there the per-op cost dominates. Why these
+kernels and what each costs: docs/design.md.
 """
 
 from __future__ import annotations
@@ -32,14 +24,15 @@ SMALL = 1 << 15
 
 
 def centered(input: Tensor, mean: Tensor) -> Tensor:
-    """``input - mean`` per channel, exactly rounded, in the compute dtype.
+    """``input - mean`` per channel, exactly rounded, in the compute dtype: one pass, a new tensor.
 
-    BatchNorm's inference kernel with ``alpha = 1`` (variance 1, eps 0, no weight) and
-    ``beta = -mean`` computes ``x * 1 + (-mean)``: one rounding, like a subtraction.
+    Half-precision input is promoted on the fly (a float32 ``mean`` broadcasts against it).
+
+    Example:
+        >>> centered(torch.tensor([[1.0, 5.0], [3.0, 7.0]]), torch.tensor([2.0, 6.0])).tolist()
+        [[-1.0, -1.0], [1.0, 1.0]]
     """
-    values = input if input.dtype in (torch.float32, torch.float64) else input.to(compute_dtype(input.dtype))
-    mean = mean.to(values.dtype)
-    return F.batch_norm(values, mean, torch.ones_like(mean), None, None, False, 0.0, 0.0)
+    return input - _per_channel(mean, input, compute_dtype(input.dtype))
 
 
 def batch_statistics(input: Tensor) -> BatchStatistics:
@@ -137,6 +130,60 @@ def gradient_sums(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tens
     return sum_dy, sum_dy_xhat
 
 
+def prepare_input_gradient(input: Tensor, mean: Tensor) -> Tensor | None:
+    """The pass of ``input_gradient`` that needs no global mean, to run while a collective does.
+
+    Returns ``x - mean32`` (``mean`` rounded to the compute dtype), or None for a small
+    input (``finish_input_gradient`` then does it all in float64).
+
+    Example:
+        >>> prepare_input_gradient(torch.ones(2, 1), torch.ones(1)) is None  # small
+        True
+    """
+    if input.numel() <= SMALL:
+        return None
+    return centered(input, mean.to(compute_dtype(input.dtype)))
+
+
+def finish_input_gradient(
+    deviations: Tensor | None,
+    grad_output: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_dy: Tensor,
+    mean_dy_xhat: Tensor,
+) -> Tensor:
+    """BatchNorm's ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` (global means).
+
+    With ``dev = x - mean32`` (``deviations``; centered, so nothing cancels):
+    ``dx = s * dy + s * q + s * r * dev``, where ``s = w * invstd``,
+    ``r = -invstd * mean(dy * xhat)`` and ``q = -mean(dy) + r * (mean32 - mean)``: one
+    pass of BatchNorm's inference kernel over ``dy`` (``s * dy + s * q``), then one
+    fused multiply-add in place.
+
+    Example:
+        >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
+        >>> mean, invstd = torch.tensor([2.0]), torch.tensor([1.0])
+        >>> dev = prepare_input_gradient(x, mean)
+        >>> finish_input_gradient(dev, dy, x, mean, invstd, None, torch.tensor([1.5]), torch.tensor([0.5])).tolist()
+        [[0.0], [0.0]]
+    """
+    invstd = invstd.double()
+    scale = invstd * weight.double() if weight is not None else invstd
+    slope = -invstd * mean_dy_xhat.double()
+    if deviations is None:  # the small path: float64 is exact enough
+        deviation = input.double() - _per_channel(mean, input)
+        correction = deviation * _per_channel(slope, input) - _per_channel(mean_dy, input)
+        return ((grad_output.double() + correction) * _per_channel(scale, input)).to(input.dtype)
+    dtype = deviations.dtype
+    mean = mean.double()
+    offset = scale * (slope * (mean.to(dtype).double() - mean) - mean_dy.double())
+    dx = _affine(grad_output.to(dtype), scale.to(dtype), offset.to(dtype))
+    return dx.addcmul_(deviations, _per_channel(scale * slope, input, dtype)).to(input.dtype)
+
+
 def input_gradient(
     grad_output: Tensor,
     input: Tensor,
@@ -148,11 +195,8 @@ def input_gradient(
 ) -> Tensor:
     """BatchNorm's ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` (global means).
 
-    Three passes and one batch-sized tensor, which becomes ``dx``: ``x - mean32``
-    (centered, so nothing cancels), then an affine map of it in place, then
-    ``+ w * invstd * dy`` in place. With ``dev = x - mean32``:
-    ``dx = s * dy + s * r * dev + s * q``, ``s = w * invstd``, ``r = -invstd * mean(dy * xhat)``,
-    ``q = -mean(dy) + r * (mean32 - mean)``.
+    ``prepare_input_gradient`` then ``finish_input_gradient``: three passes over the
+    batch (``x - mean32``, ``s * dy + s * q``, a fused multiply-add in place).
 
     Example:
         >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
@@ -160,21 +204,8 @@ def input_gradient(
         >>> input_gradient(dy, x, mean, invstd, None, torch.tensor([1.5]), torch.tensor([0.5])).tolist()
         [[0.0], [0.0]]
     """
-    invstd = invstd.double()
-    scale = invstd * weight.double() if weight is not None else invstd
-    slope = -invstd * mean_dy_xhat.double()
-    if input.numel() <= SMALL:  # few ops beat fused passes here; float64 is exact enough
-        deviation = input.double() - _per_channel(mean, input)
-        correction = deviation * _per_channel(slope, input) - _per_channel(mean_dy, input)
-        return ((grad_output.double() + correction) * _per_channel(scale, input)).to(input.dtype)
-    dtype = compute_dtype(input.dtype)
-    mean = mean.double()
-    rounded = mean.to(dtype)
-    offset = scale * (slope * (rounded.double() - mean) - mean_dy.double())
-    dx = centered(input, rounded)
-    torch.addcmul(_per_channel(offset, input, dtype), dx, _per_channel(scale * slope, input, dtype), out=dx)
-    dx.addcmul_(grad_output, _per_channel(scale, input, dtype))
-    return dx.to(input.dtype)
+    deviations = prepare_input_gradient(input, mean)
+    return finish_input_gradient(deviations, grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xhat)
 
 
 def _kernel_backward(
@@ -213,8 +244,9 @@ def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tens
 
 
 def _affine(values: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
+    """``values * slope + offset`` per channel in one pass: BatchNorm's inference kernel (mean 0, variance 1)."""
     zeros = torch.zeros_like(slope)
-    return F.batch_norm(values, zeros, torch.ones_like(slope), slope, offset, False, 0.0, 0.0)
+    return torch.batch_norm(values, slope, offset, zeros, torch.ones_like(slope), False, 0.0, 0.0, False)
 
 
 def _per_channel(vector: Tensor, input: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -140,6 +140,16 @@ def _name_slots(name: str) -> tuple[int, list[float]]:
     return len(raw), [float(int.from_bytes(padded[i : i + 6], "big")) for i in range(0, _NAME_BYTES, 6)]
 
 
+def frame_sizes(length: int) -> list[int]:
+    """The float64 values each rank sends, per collective, to exchange ``length`` values.
+
+    Example:
+        >>> frame_sizes(128), frame_sizes(2 * 3000)
+        ([4112], [4112, 1904])
+    """
+    return [FRAME_SLOTS] + ([length - DATA_SLOTS] if length > DATA_SLOTS else [])
+
+
 def all_gather_checked(
     data: Tensor, tag: CollectiveTag, kind: int, group: dist.ProcessGroup, count: int = 0
 ) -> tuple[list[int], Tensor]:
@@ -167,28 +177,48 @@ def all_gather_checked(
         >>> # every rank of an initialized group:
         >>> # counts, rows = all_gather_checked(values, layer_tag(bn, group), FORWARD, group, n)
     """
-    world = dist.get_world_size(group)
-    length = data.numel()
-    name_length, name_slots = _name_slots(tag.layer)
-    header = [_MAGIC, float(kind), float(tag.key), float(tag.call), float(count), float(length), float(name_length)]
-    frame = data.new_zeros(FRAME_SLOTS)
-    frame[: len(header) + _NAME_SLOTS] = torch.tensor(header + name_slots, dtype=frame.dtype)
-    first = min(length, DATA_SLOTS)
-    frame[HEADER_SLOTS : HEADER_SLOTS + first] = data[:first]
-    gathered = frame.new_empty(world * FRAME_SLOTS)
-    _all_gather_single(gathered, frame, group=group)
-    rows = gathered.view(world, FRAME_SLOTS)
-    headers = rows[:, :HEADER_SLOTS].tolist()
-    # Everything but the count must be equal on every rank; every rank sees every header,
-    # so all of them raise the same error together.
-    if any(h[:4] != headers[0][:4] or h[5:] != headers[0][5:] for h in headers):
-        raise SyncBNError(_mismatch_message(headers, group))
-    parts = rows[:, HEADER_SLOTS : HEADER_SLOTS + first]
-    if length > first:  # agreed on above: every rank sends the same number of values
-        rest = frame.new_empty(world * (length - first))
-        _all_gather_single(rest, data[first:].contiguous(), group=group)
-        parts = torch.cat([parts, rest.view(world, -1)], dim=1)
-    return [int(h[4]) for h in headers], parts
+    return PendingGather(data, tag, kind, group, count).wait()
+
+
+class PendingGather:
+    """A checked all_gather in flight (``all_gather_checked`` in two halves): work can overlap it.
+
+    Example:
+        >>> # pending = PendingGather(values, tag, BACKWARD, group)  # sends at once
+        >>> # ...  batch-sized work that needs no global value ...
+        >>> # counts, rows = pending.wait()
+    """
+
+    def __init__(
+        self, data: Tensor, tag: CollectiveTag, kind: int, group: dist.ProcessGroup, count: int = 0
+    ) -> None:
+        self.group, self.world = group, dist.get_world_size(group)
+        self.data, self.length = data, data.numel()
+        name_length, name_slots = _name_slots(tag.layer)
+        header = [_MAGIC, float(kind), float(tag.key), float(tag.call), float(count), float(self.length)]
+        header += [float(name_length), *name_slots]
+        self.frame = frame = data.new_zeros(FRAME_SLOTS)
+        frame[: len(header)] = torch.tensor(header, dtype=frame.dtype)
+        self.first = min(self.length, DATA_SLOTS)
+        frame[HEADER_SLOTS : HEADER_SLOTS + self.first] = data[: self.first]
+        self.gathered = frame.new_empty(self.world * FRAME_SLOTS)
+        self.work = _all_gather_single(self.gathered, frame, group=group, async_op=True)
+
+    def wait(self) -> tuple[list[int], Tensor]:
+        """Every rank's count and data, as ``all_gather_checked`` returns them (raises as it does)."""
+        self.work.wait()
+        rows = self.gathered.view(self.world, FRAME_SLOTS)
+        headers = rows[:, :HEADER_SLOTS].tolist()
+        # Everything but the count must be equal on every rank; every rank sees every header,
+        # so all of them raise the same error together.
+        if any(h[:4] != headers[0][:4] or h[5:] != headers[0][5:] for h in headers):
+            raise SyncBNError(_mismatch_message(headers, self.group))
+        parts = rows[:, HEADER_SLOTS : HEADER_SLOTS + self.first]
+        if self.length > self.first:  # agreed on above: every rank sends the same number of values
+            rest = self.frame.new_empty(self.world * (self.length - self.first))
+            _all_gather_single(rest, self.data[self.first :].contiguous(), group=self.group)
+            parts = torch.cat([parts, rest.view(self.world, -1)], dim=1)
+        return [int(h[4]) for h in headers], parts
 
 
 def all_gather_statistics(
