@@ -13,7 +13,6 @@ kernels and what each costs: docs/design.md.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from syncbn.stats import BatchStatistics, compute_dtype, reduced_dims
@@ -62,20 +61,20 @@ def batch_statistics(input: Tensor) -> BatchStatistics:
             var, mean = torch.var_mean(input.double(), dims, correction=0)
         return BatchStatistics(count, mean, var * count)
     with torch.no_grad():
-        center = input.sum(dims, dtype=compute_dtype(input.dtype)) / count
+        center = input.sum(dims, dtype=compute_dtype(input.dtype)).div_(count)
         deviations = centered(input, center)
-        correction = deviations.sum(dims).double() / count
         # Squared in place: no second batch-sized temporary.
-        m2 = deviations.square_().sum(dims).double() - count * correction.square()
-    return BatchStatistics(count, center.double() + correction, m2)
+        sums = torch.stack([center, deviations.sum(dims), deviations.square_().sum(dims)]).double()
+    correction = sums[1] / count
+    return BatchStatistics(count, sums[0] + correction, sums[2] - count * correction.square())
 
 
 def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """``(x - mean) * invstd * weight + bias`` in one pass; output in ``input``'s dtype and layout.
 
-    Done by BatchNorm's inference kernel as ``(x - mean32) * scale + shift``, where
-    ``mean32`` is the float64 mean rounded to the compute dtype and ``shift`` carries the
-    rounding residue ``(mean - mean32) * scale`` exactly.
+    Done by BatchNorm's inference kernel with ``mean32`` (the float64 mean rounded to
+    the compute dtype) as its mean, variance 1, and a bias that carries the rounding
+    residue ``(mean - mean32) * scale``.
     """
     if input.numel() <= SMALL:  # few ops beat fused passes here; float64 is exact enough
         scale = invstd * weight.double() if weight is not None else invstd
@@ -86,10 +85,12 @@ def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
     dtype = compute_dtype(input.dtype)
     mean = mean.double()
     rounded = mean.to(dtype)
-    scale = invstd.double() * (weight.double() if weight is not None else 1.0)
-    shift = (bias.double() if bias is not None else 0.0) - (mean - rounded.double()) * scale
+    scale = invstd.double() * weight if weight is not None else invstd.double()  # float64: promoted
+    shift = (rounded - mean) * scale
+    if bias is not None:
+        shift += bias
     ones = torch.ones_like(rounded)
-    return F.batch_norm(input, rounded, ones, scale.to(dtype), shift.to(dtype), False, 0.0, 0.0)
+    return torch.batch_norm(input, scale.to(dtype), shift.to(dtype), rounded, ones, False, 0.0, 0.0, False)
 
 
 def normalize_backward(
@@ -118,6 +119,10 @@ def normalize_backward(
 def gradient_sums(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """``sum(dy)`` and ``sum(dy * xhat)`` per channel, float64: one fused pass, nothing written.
 
+    BatchNorm's backward kernel (inference mode, variance 1) sums ``dy`` and
+    ``dy * (x - mean32)``; ``sum(dy * xhat)`` is corrected for the rounding of the mean
+    in float64.
+
     Example:
         >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
         >>> [t.tolist() for t in gradient_sums(dy, x, torch.tensor([2.0]), torch.tensor([0.5]))]
@@ -126,8 +131,15 @@ def gradient_sums(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tens
     if input.numel() <= SMALL:
         _, sum_dy, sum_dy_xhat = normalize_backward(grad_output, input, mean, invstd, None)
         return sum_dy, sum_dy_xhat
-    _, sum_dy, sum_dy_xhat = _kernel_backward(grad_output, input, mean, invstd, None, with_input_grad=False)
-    return sum_dy, sum_dy_xhat
+    mean = mean.double()
+    rounded = mean.to(compute_dtype(input.dtype))
+    ones = torch.ones_like(rounded)
+    _, sum_dy_deviation, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_output, input, ones, rounded, ones, None, None, False, 0.0, [False, True, True]
+    )
+    sum_dy = sum_dy.double()
+    # sum(dy * (x - mean)) = sum(dy * (x - mean32)) - (mean - mean32) * sum(dy)
+    return sum_dy, (sum_dy_deviation.double() - (mean - rounded) * sum_dy) * invstd
 
 
 def prepare_input_gradient(input: Tensor, mean: Tensor) -> Tensor | None:

@@ -150,5 +150,5 @@ def update_running_statistics(
     # The running variance is the unbiased estimate n/(n-1) * var, as in torch.
     with torch.no_grad():
         unbiased_var = stats.m2 / (stats.count - 1)
-        running_mean.mul_(1 - momentum).add_(stats.mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+        running_mean.mul_(1 - momentum).add_(stats.mean, alpha=momentum)  # float64 added in the buffer's dtype
+        running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)

@@ -124,6 +124,12 @@ def offset_float32() -> tuple[nn.Module, torch.Tensor]:
 
 
 @case
+def plain_float32() -> tuple[nn.Module, torch.Tensor]:
+    seeded()
+    return nn.Sequential(nn.BatchNorm2d(4)), 1.0 + 3 * torch.randn(16, 4, 6, 6)
+
+
+@case
 def bfloat16() -> tuple[nn.Module, torch.Tensor]:
     seeded()
     return nn.Sequential(nn.BatchNorm2d(4)), torch.randn(8, 4, 5, 5).bfloat16()

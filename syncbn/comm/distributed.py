@@ -128,6 +128,12 @@ def _name_of(layer: nn.Module | None) -> str:
     return f"{type(layer).__name__}({getattr(layer, 'num_features', '?')})"
 
 
+@lru_cache(maxsize=64)
+def _zeros(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The padding of a frame (read only): made once per size and device."""
+    return torch.zeros(size, dtype=dtype, device=device)
+
+
 @lru_cache(maxsize=4096)
 def _key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=6).digest(), "big")
@@ -196,11 +202,11 @@ class PendingGather:
         self.data, self.length = data, data.numel()
         name_length, name_slots = _name_slots(tag.layer)
         header = [_MAGIC, float(kind), float(tag.key), float(tag.call), float(count), float(self.length)]
-        header += [float(name_length), *name_slots]
-        self.frame = frame = data.new_zeros(FRAME_SLOTS)
-        frame[: len(header)] = torch.tensor(header, dtype=frame.dtype)
-        self.first = min(self.length, DATA_SLOTS)
-        frame[HEADER_SLOTS : HEADER_SLOTS + self.first] = data[: self.first]
+        header += [float(name_length), *name_slots, 0.0]
+        self.first = first = min(self.length, DATA_SLOTS)
+        self.frame = frame = torch.cat(
+            [data.new_tensor(header), data[:first], _zeros(DATA_SLOTS - first, data.dtype, data.device)]
+        )
         self.gathered = frame.new_empty(self.world * FRAME_SLOTS)
         self.work = _all_gather_single(self.gathered, frame, group=group, async_op=True)
 
