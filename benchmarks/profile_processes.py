@@ -122,7 +122,7 @@ def rank_rounds(rank, world, shape, warmup, repeats):
     return out
 
 
-def summarize(text: str, replicas: int, per_rank: list) -> None:
+def summarize(text: str, replicas: int, per_rank: list) -> dict:
     med = statistics.median
     rounds = range(len(per_rank[0]))
 
@@ -146,6 +146,16 @@ def summarize(text: str, replicas: int, per_rank: list) -> None:
     print("  profiled SyncBN call, median over ranks and rounds (ms):")
     for label in sorted(sections):
         print(f"    {label:44s} {med(sections[label]):7.3f}")
+    return {
+        "shape": text,
+        "replicas": replicas,
+        "bn_ms": med(bn),
+        "syncbn_ms": med(sync),
+        "collectives_ms": med(coll),
+        "sync_cost_ms": med(cost),
+        "ratio": ratio,
+        "sections_ms": {label: med(values) for label, values in sections.items()},
+    }
 
 
 def main() -> None:
@@ -154,14 +164,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--shapes", default="32x64x56x56,32x256x14x14")
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    figures = []
     for text in args.shapes.split(","):
         shape = tuple(int(v) for v in text.split("x"))
         per_rank = run_on_processes(rank_rounds, args.replicas, timeout=600, args=(shape, args.warmup, args.repeats))
-        summarize(text, args.replicas, per_rank)
+        figures.append(summarize(text, args.replicas, per_rank))
+    if args.json:
+        import json
+        import os
+
+        with open(args.json, "w") as file:
+            json.dump({"load": os.getloadavg()[0], "figures": figures}, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ intra-op thread each), every rank times, round after round and in a rotating ord
   forward frame and its backward frame, the same sizes), without any compute;
 - optionally other implementations (``extra``), e.g. a naive SyncBN to compare with.
 
-A round lasts as long as its slowest rank, so each round takes the maximum over ranks;
-reported figures are medians over rounds. The **sync cost** of a layer call is SyncBN's
+Every measurement starts on all ranks at the same instant: rank 0 names a moment a few
+milliseconds ahead on the machine's monotonic clock, which every local process shares,
+and each rank waits for it (a barrier alone releases ranks up to 2 ms apart on a busy
+2-core machine, and the early rank's wait would count as SyncBN's). A round lasts as
+long as its slowest rank, so each round takes the maximum over ranks; reported figures
+are medians over rounds. The **sync cost** of a layer call is SyncBN's
 forward plus backward minus plain BN's on the same shard, and its **ratio** is that
 cost over the bare collectives' latency, measured in the same run: 1 means SyncBN costs
 exactly its communication; above 1, local work or waiting the collectives do not explain.
@@ -180,7 +184,6 @@ def _time_rounds(
     repeats: int,
 ) -> list[dict[str, tuple[float, float]]]:
     """One rank: per measured round, (forward ms, backward ms) of each implementation and of the collectives."""
-    import torch.distributed as dist
 
     rows = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
     shard, shard_cotangent = x[rows].contiguous(), cotangent[rows].contiguous()
@@ -193,7 +196,7 @@ def _time_rounds(
         order = names[round_ % len(names) :] + names[: round_ % len(names)]
         times = {}
         for name in order:
-            dist.barrier()  # every rank starts together
+            _start_together()
             if name == COLLECTIVES:
                 # the forward's frames, then the backward's (the same sizes)
                 times[name] = (_time_collectives(sends, receives), _time_collectives(sends, receives))
@@ -202,6 +205,19 @@ def _time_rounds(
         if round_ >= warmup:
             measured.append(times)
     return measured
+
+
+def _start_together(margin: float = 0.02) -> None:
+    """Return on every rank at one instant of the shared monotonic clock, ``margin`` seconds from rank 0's now."""
+    import torch.distributed as dist
+
+    moment = torch.tensor([time.perf_counter() + margin], dtype=torch.float64)
+    dist.broadcast(moment, src=0)
+    deadline = moment.item()
+    # Sleep most of the way (spinning long makes the scheduler hand the core to others), spin the rest.
+    time.sleep(max(deadline - time.perf_counter() - 0.002, 0.0))
+    while time.perf_counter() < deadline:
+        pass
 
 
 def _time_collectives(sends: list[Tensor], receives: list[Tensor]) -> float:

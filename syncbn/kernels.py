@@ -170,10 +170,10 @@ def finish_input_gradient(
     """BatchNorm's ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` (global means).
 
     With ``dev = x - mean32`` (``deviations``; centered, so nothing cancels):
-    ``dx = s * dy + s * q + s * r * dev``, where ``s = w * invstd``,
-    ``r = -invstd * mean(dy * xhat)`` and ``q = -mean(dy) + r * (mean32 - mean)``: one
-    pass of BatchNorm's inference kernel over ``dy`` (``s * dy + s * q``), then one
-    fused multiply-add in place.
+    ``dx = s * r * dev + s * q + s * dy``, where ``s = w * invstd``,
+    ``r = -invstd * mean(dy * xhat)`` and ``q = -mean(dy) + r * (mean32 - mean)``, built in
+    ``deviations`` in place (which becomes the result): a per-channel multiply, add, and
+    multiply-add of ``dy``.
 
     Example:
         >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
@@ -192,8 +192,8 @@ def finish_input_gradient(
     dtype = deviations.dtype
     mean = mean.double()
     offset = scale * (slope * (mean.to(dtype).double() - mean) - mean_dy.double())
-    dx = _affine(grad_output.to(dtype), scale.to(dtype), offset.to(dtype))
-    return dx.addcmul_(deviations, _per_channel(scale * slope, input, dtype)).to(input.dtype)
+    dx = deviations.mul_(_per_channel(scale * slope, input, dtype)).add_(_per_channel(offset, input, dtype))
+    return dx.addcmul_(grad_output, _per_channel(scale, input, dtype)).to(input.dtype)
 
 
 def input_gradient(
@@ -207,8 +207,9 @@ def input_gradient(
 ) -> Tensor:
     """BatchNorm's ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` (global means).
 
-    ``prepare_input_gradient`` then ``finish_input_gradient``: three passes over the
-    batch (``x - mean32``, ``s * dy + s * q``, a fused multiply-add in place).
+    ``prepare_input_gradient`` then ``finish_input_gradient``: four passes over the
+    batch and one batch-sized tensor (``x - mean32``, then in place a multiply, an add and
+    a multiply-add of ``dy``).
 
     Example:
         >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])

@@ -402,3 +402,27 @@ def test_layer_names_travel_in_the_header():
         header = [0.0] * 6 + [float(length), *slots]
         expected = name if len(name.encode()) <= 48 else name.encode()[:48].decode() + "..."
         assert _decode_name(header) == expected
+
+
+def test_sync_cost_measurement_reports_rows():
+    from syncbn.bench_processes import measure_sync_cost
+
+    rows = measure_sync_cost([(8, 4, 5, 5), (6, 3)], 2, repeats=3, warmup=1, extra={"plain again": lambda bn: bn})
+    assert [(row.shape, row.replicas, row.rounds) for row in rows] == [("8x4x5x5", 2, 3), ("6x3", 2, 3)]
+    for row in rows:
+        assert row.bn_ms > 0 and row.syncbn_ms > 0 and row.collectives_ms > 0
+        assert row.ratio_q1 <= row.ratio <= row.ratio_q3
+        assert set(row.fwd_ms) == set(row.bwd_ms) == {"nn.BatchNorm", "SyncBN", "plain again"}
+        assert set(row.extra_ms) == set(row.vs_extra) == {"plain again"}
+        assert set(row.as_dict()) >= {"shape", "replicas", "sync_cost_ms", "collectives_ms", "ratio"}
+
+
+@pytest.mark.parametrize(
+    ("shapes", "replicas", "match"),
+    [([(8, 4)], 1, "at least 2"), ([(1, 4)], 2, "at least 2 samples"), ([(8,)], 2, "2 to 5 dimensions")],
+)
+def test_sync_cost_measurement_rejects_bad_arguments(shapes, replicas, match):
+    from syncbn.bench_processes import measure_sync_cost
+
+    with pytest.raises(ValueError, match=match):
+        measure_sync_cost(shapes, replicas, repeats=1)
