@@ -1,9 +1,10 @@
 """Where a SyncBN layer call's time goes on the processes way: a profile by section.
 
 Runs one BatchNorm2d layer on R local gloo processes (one intra-op thread each) and
-times, in each round: plain BN on the shard, SyncBN on the shard with its steps wrapped
-in timers (statistics, collective, merge, normalize; gradient sums, collective, input
-gradient), and the bare collectives of the same sizes. Works on any syncbn tree that
+times, in each round (every rank starting at one instant): plain BN on the shard,
+SyncBN on the shard with its steps wrapped in timers (statistics, collective, merge,
+normalize; gradient sums, collective, input gradient), and the bare collectives of the
+same sizes. Works on any syncbn tree that
 has ``syncbn/_functions.py`` (run it with that tree first on PYTHONPATH), so the same
 script profiles the code before and after a change.
 
@@ -70,6 +71,16 @@ def instrument() -> None:
     function.backward = staticmethod(timed(function.backward, "bwd: Function total"))
 
 
+def start_together(margin: float = 0.02) -> None:
+    """All ranks return at one instant of the shared monotonic clock (as syncbn.bench_processes does)."""
+    moment = torch.tensor([time.perf_counter() + margin], dtype=torch.float64)
+    dist.broadcast(moment, src=0)
+    deadline = moment.item()
+    time.sleep(max(deadline - time.perf_counter() - 0.002, 0.0))
+    while time.perf_counter() < deadline:
+        pass
+
+
 def step(module, x, cotangent):
     leaf = x.detach().requires_grad_()
     start = time.perf_counter()
@@ -101,7 +112,7 @@ def rank_rounds(rank, world, shape, warmup, repeats):
     for round_ in range(warmup + repeats):
         times = {}
         for name in names[round_ % 4 :] + names[: round_ % 4]:
-            dist.barrier()
+            start_together()
             gc.disable()
             if name == "collectives":
                 start = time.perf_counter()
