@@ -90,6 +90,16 @@ def step(module, x, cotangent):
     return (middle - start) * 1e3, (time.perf_counter() - middle) * 1e3
 
 
+def wait(work, device) -> None:
+    """Wait for a collective as the profiled tree's SyncBN does (polling first, where it does)."""
+    try:
+        from syncbn.comm.distributed import wait_for
+    except ImportError:
+        work.wait()
+    else:
+        wait_for(work, device)
+
+
 def frames(channels: int) -> list[int]:
     try:
         from syncbn.comm.distributed import frame_sizes
@@ -117,7 +127,7 @@ def rank_rounds(rank, world, shape, warmup, repeats):
             if name == "collectives":
                 start = time.perf_counter()
                 for send, receive in zip(sends, receives, strict=True):
-                    dist.all_gather_into_tensor(receive, send)
+                    wait(dist.all_gather_into_tensor(receive, send, async_op=True), send.device)
                 times[name] = ((time.perf_counter() - start) * 1e3, 0.0)
             elif name == "profiled":
                 if round_ == 0:

@@ -6,7 +6,8 @@ intra-op thread each), every rank times, round after round and in a rotating ord
 - ``nn.BatchNorm`` on its shard (no synchronization): the local work alone;
 - SyncBN on its shard: the local work plus its two collectives;
 - the bare collectives: the ``all_gather`` calls one SyncBN layer call makes (its
-  forward frame and its backward frame, the same sizes), without any compute;
+  forward frame and its backward frame, the same sizes, waited for the same way),
+  without any compute;
 - optionally other implementations (``extra``), e.g. a naive SyncBN to compare with.
 
 Every measurement starts on all ranks at the same instant: rank 0 names a moment a few
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from syncbn.comm.distributed import frame_sizes
+from syncbn.comm.distributed import frame_sizes, wait_for
 from syncbn.convert import convert_model
 from syncbn.launch import run_on_processes
 
@@ -227,7 +228,7 @@ def _time_collectives(sends: list[Tensor], receives: list[Tensor]) -> float:
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     start = time.perf_counter()
     for send, receive in zip(sends, receives, strict=True):
-        all_gather(receive, send)
+        wait_for(all_gather(receive, send, async_op=True), send.device)  # waited for as SyncBN waits
     return (time.perf_counter() - start) * 1e3
 
 
