@@ -124,6 +124,18 @@ def offset_float32() -> tuple[nn.Module, torch.Tensor]:
 
 
 @case
+def offset_large() -> tuple[nn.Module, torch.Tensor]:
+    seeded()  # every rank's shard above kernels.SMALL: the fused passes, not the float64 ones
+    return nn.Sequential(nn.BatchNorm2d(8)), 1e4 + torch.randn(64, 8, 20, 20)
+
+
+@case
+def plain_large() -> tuple[nn.Module, torch.Tensor]:
+    seeded()
+    return nn.Sequential(nn.BatchNorm2d(8)), 1.0 + 3 * torch.randn(64, 8, 20, 20)
+
+
+@case
 def plain_float32() -> tuple[nn.Module, torch.Tensor]:
     seeded()
     return nn.Sequential(nn.BatchNorm2d(4)), 1.0 + 3 * torch.randn(16, 4, 6, 6)

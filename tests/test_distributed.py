@@ -98,7 +98,7 @@ SINGLE_STEP = [
 def job(request, tmp_path_factory):
     world = request.param
     out_dir = tmp_path_factory.mktemp(f"gloo{world}")
-    names = [*SINGLE_STEP, "offset_float32", "plain_float32", "bfloat16", "training"] + (
+    names = [*SINGLE_STEP, "offset_float32", "plain_float32", "offset_large", "plain_large", "bfloat16", "training"] + (
         ["empty_shards", "subgroups"] if world == 4 else []
     )
     results = launch(world, out_dir, names)
@@ -166,7 +166,7 @@ def test_offset_inputs_are_as_accurate_as_torch(job):
         assert sync_error <= 2 * torch_error + 1e-7, key
 
 
-@pytest.mark.parametrize("name", ["offset_float32", "plain_float32"])
+@pytest.mark.parametrize("name", ["offset_float32", "plain_float32", "offset_large", "plain_large"])
 def test_as_accurate_as_torch_against_a_float64_truth(job, name):
     """float32 on R ranks vs nn.BatchNorm in float32 on one process, both against float64 math."""
     world, ranks = job
