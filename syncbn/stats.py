@@ -117,9 +117,9 @@ def merge_gathered(counts: Sequence[int], means: Tensor, m2s: Tensor) -> BatchSt
     """
     count = sum(counts)
     nonempty = [rank for rank, n in enumerate(counts) if n > 0]
-    if len(nonempty) <= 1:
+    if len(nonempty) <= 1:  # copies: the rows may be views of a large gathered buffer
         rank = nonempty[0] if nonempty else 0
-        return BatchStatistics(count, means[rank], m2s[rank])
+        return BatchStatistics(count, means[rank].clone(), m2s[rank].clone())
     if len(nonempty) < len(counts):
         means, m2s = means[nonempty], m2s[nonempty]
     weights = means.new_tensor([counts[rank] for rank in nonempty]).unsqueeze(1)

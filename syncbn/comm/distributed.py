@@ -107,8 +107,9 @@ def layer_tag(layer: nn.Module | None, group: dist.ProcessGroup) -> CollectiveTa
 
     Example:
         >>> import syncbn
-        >>> _name_of(syncbn.SyncBatchNorm2d(8))
-        'SyncBatchNorm2d(8)'
+        >>> tag = layer_tag(syncbn.SyncBatchNorm2d(8), dist.group.WORLD)  # unnamed: class and width
+        >>> tag.layer, tag.call
+        ('SyncBatchNorm2d(8)', 0)
     """
     name = _name_of(layer)
     calls = _functional_calls if layer is None else _forward_calls.get(layer)
