@@ -1,14 +1,30 @@
-"""The autograd Function of the processes way: one collective in forward, one in backward."""
+"""The autograd Functions of the processes way: one collective in forward, one in backward.
+
+``_SyncBatchNormFunction`` is differentiable twice (and more): a backward run with
+``create_graph=True`` (a gradient penalty) is built from differentiable ops, and its
+two global quantities, the statistics and the gradient sums, enter the graph through
+``_GlobalSumFunction``, whose backward sums the gradients over every rank. So the
+second-order gradients are those of the full batch, as the first-order ones are.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from syncbn import kernels
-from syncbn.comm.distributed import all_gather_statistics, all_reduce_sum
-from syncbn.stats import check_count, update_running_statistics
+from syncbn.comm.distributed import (
+    BACKWARD,
+    FORWARD,
+    CollectiveTag,
+    PendingGather,
+    all_gather_checked,
+    all_gather_statistics,
+    count_call,
+    layer_tag,
+)
+from syncbn.stats import check_count, compute_dtype, reduced_dims, update_running_statistics
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -29,32 +45,116 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         momentum: float,
         eps: float,
         group: dist.ProcessGroup,
+        layer: nn.Module | None,
     ) -> Tensor:
-        stats = kernels.batch_statistics(input)
+        tag = layer_tag(layer, group)
         # An empty local batch still joins the all_gather (count 0): skipping it would
         # leave every other rank waiting.
-        stats = all_gather_statistics(stats, group)
-        check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
-        invstd = torch.rsqrt(stats.m2 / max(stats.count, 1) + eps)
+        stats = all_gather_statistics(kernels.batch_statistics(input), group, tag)
+        count_call(layer, group, tag)
+        if stats.count == 1:
+            check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
+        invstd = (stats.m2 / max(stats.count, 1) + eps).rsqrt_()
         if running_mean is not None and running_var is not None and stats.count > 0:
             update_running_statistics(running_mean, running_var, stats, momentum)
-        ctx.save_for_backward(input, weight, bias, stats.mean, invstd)
-        ctx.count = stats.count
-        ctx.group = group
-        ctx.eps = eps
+        ctx.save_for_backward(input, weight, stats.mean, stats.m2, invstd)
+        ctx.count, ctx.group, ctx.tag, ctx.eps = stats.count, group, tag, eps
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return kernels.normalize(input, stats.mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, bias, mean, invstd = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = kernels.gradient_sums(grad_output, input, mean, invstd)
-        sums = torch.stack([sum_dy, sum_dy_xhat])
-        sums = all_reduce_sum(sums, ctx.group)  # every rank joins, an empty one too (its sums are zeros)
-        global_means = sums / max(ctx.count, 1)
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            mean_dy, mean_dy_xhat = global_means
-            grad_input = kernels.input_gradient(grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xhat)
-        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable itself
+            grads = _differentiable_backward(ctx, grad_output)
+        else:
+            grads = _backward(ctx, grad_output)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """The first-order backward: fused passes and one collective of the two gradient sums."""
+    input, weight, mean, _, invstd = ctx.saved_tensors
+    sum_dy, sum_dy_xhat = kernels.gradient_sums(grad_output, input, mean, invstd)
+    # Every rank joins, an empty one too (its sums are zeros). While the sums travel,
+    # the passes of the input gradient that need no global value run.
+    pending = PendingGather(torch.cat([sum_dy, sum_dy_xhat]), ctx.tag, BACKWARD, ctx.group)
+    deviations = kernels.prepare_input_gradient(input, mean) if ctx.needs_input_grad[0] else None
+    means = pending.wait()[1].sum(0) / max(ctx.count, 1)
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        channels = sum_dy.numel()
+        grad_input = kernels.finish_input_gradient(
+            deviations, grad_output, input, mean, invstd, weight, means[:channels], means[channels:]
+        )
+    grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+    return grad_input, grad_weight, grad_bias
+
+
+def _differentiable_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor
+) -> tuple[Tensor | None, ...]:
+    """The same backward from differentiable ops, for ``create_graph=True``.
+
+    The forward's statistics enter as functions of this rank's input: with ``c`` the
+    global mean rounded to the compute dtype (a constant), this rank's sums of ``x - c``
+    and ``(x - c)**2`` are the local parts of the global ones, which the forward already
+    exchanged; ``_GlobalSumFunction`` returns those known totals and, differentiated,
+    sums the gradients over every rank. The gradient sums are exchanged the same way
+    (the backward's one collective). Batch-sized ops run in the compute dtype.
+    """
+    input, weight, mean, m2, invstd = ctx.saved_tensors
+    count, channels = max(ctx.count, 1), mean.numel()
+    dims = reduced_dims(input)
+    dtype = compute_dtype(input.dtype)
+    shape = (1, channels, *([1] * (input.dim() - 2)))
+    center = mean.to(dtype)
+    offset = mean - center.double()  # global mean - c, per channel (float64)
+    deviation = input.to(dtype) - center.view(shape)
+    local = torch.cat([deviation.sum(dims), deviation.square().sum(dims)]).double()
+    known = torch.cat([count * offset, m2 + count * offset.square()])
+    totals = _GlobalSumFunction.apply(local, known, ctx.tag, FORWARD, ctx.group)
+    shift = totals[:channels] / count  # the global mean - c, now a function of every rank's input
+    var = totals[channels:] / count - shift.square()
+    global_invstd = torch.rsqrt(var + ctx.eps)
+    xhat = (deviation - shift.to(dtype).view(shape)) * global_invstd.to(dtype).view(shape)
+    dy = grad_output.to(dtype)
+    sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
+    sums = _GlobalSumFunction.apply(torch.cat([sum_dy, sum_dy_xhat]).double(), None, ctx.tag, BACKWARD, ctx.group)
+    means = (sums / count).to(dtype)
+    scale = global_invstd.to(dtype) if weight is None else global_invstd.to(dtype) * weight.to(dtype)
+    grad_input = (dy - means[:channels].view(shape) - xhat * means[channels:].view(shape)) * scale.view(shape)
+    grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+    return grad_input.to(input.dtype) if ctx.needs_input_grad[0] else None, grad_weight, grad_bias
+
+
+class _GlobalSumFunction(torch.autograd.Function):
+    """This rank's part ``local`` -> the sum of every rank's part; backward: the sum of every rank's gradient.
+
+    Each rank's total depends on every rank's part with derivative one, so the gradient
+    of a part is the sum over ranks of the gradients of their totals: one checked
+    all_gather (pass ``kind + 2``), itself made by this Function, so any order of
+    differentiation stays exact. ``known``, when given, is the total already exchanged
+    (no collective in forward).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        local: Tensor,
+        known: Tensor | None,
+        tag: CollectiveTag,
+        kind: int,
+        group: dist.ProcessGroup,
+    ) -> Tensor:
+        ctx.tag, ctx.kind, ctx.group = tag, kind, group
+        if known is not None:
+            return known.clone()
+        _, rows = all_gather_checked(local.detach(), tag, kind, group)
+        return rows.sum(0)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        grad_local = _GlobalSumFunction.apply(grad_total.contiguous(), None, ctx.tag, ctx.kind + 2, ctx.group)
+        return grad_local, None, None, None, None

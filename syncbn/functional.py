@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from syncbn import kernels
 from syncbn._functions import _SyncBatchNormFunction
@@ -53,6 +53,7 @@ def sync_batch_norm(
     *,
     replica: ReplicaContext | None = None,
     process_group: dist.ProcessGroup | None = None,
+    layer: nn.Module | None = None,
 ) -> Tensor:
     """Batch normalization with statistics reduced over all replicas (threads or processes).
 
@@ -66,6 +67,8 @@ def sync_batch_norm(
         replica: this replica's rendezvous in a ``syncbn.DataParallel`` forward.
         process_group: a torch.distributed group to reduce over (every rank must call).
             With neither, no synchronization.
+        layer: the module making the call, which names the collectives every rank checks
+            against each other (``process_group`` only).
 
     Shape:
         Output has the shape, dtype and memory format of ``input``.
@@ -94,7 +97,7 @@ def sync_batch_norm(
         return _normalize_with(shard, target, local, merged, replica.rank, replica.world_size)
     if training and process_group is not None:
         return _SyncBatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, momentum, eps, process_group
+            input, weight, bias, running_mean, running_var, momentum, eps, process_group, layer
         )
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 

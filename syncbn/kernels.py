@@ -1,27 +1,18 @@
 """SyncBN's per-replica passes over the batch, built from torch's fastest CPU kernels.
 
-Why not plain tensor expressions: on an NCHW tensor, broadcasting a per-channel vector
-(``x - mean.view(1, C, 1, 1)``) runs about 5x slower than BatchNorm's own inference
-kernel, which applies ``x * alpha[c] + beta[c]`` in one vectorized pass, and torch's
-training-mode forward spends most of its time on a slow variance. So each pass here is
-one of three kernels (measured on a 2-core CPU, float32, 32x64x56x56: a copy of the
-tensor takes 1.4 ms):
-
-- ``x.sum(dims)``: per-channel sum, 0.5 ms;
-- ``F.batch_norm(..., training=False)``: the affine pass ``x * alpha + beta``, 1.1 ms;
-  with ``alpha = 1`` and ``beta = -mean`` it is exactly ``x - mean`` (no cancellation);
-- ``native_batch_norm_backward(..., train=False)``: ``dy * invstd * w`` together with
-  the per-channel sums of ``dy`` and ``dy * xhat``, 3.3 ms.
-
-Passes over memory: statistics read x three times and write one temporary
-(sum; x - mean; sum and sum of squares of that); the output is one pass; the backward
-is one fused pass plus one affine pass for the statistics' share of the gradient.
+Each pass is one vectorized torch op over the batch: a per-channel ``sum``, a
+broadcast ``x - mean[c]`` (exactly rounded, so nothing cancels for offset inputs), an
+in-place square or per-channel ``mul_``/``add_``/``addcmul_``, and BatchNorm's own
+inference kernel for the output (``x * alpha[c] + beta[c]`` in one pass). Reductions
+run in the compute dtype (float32, or float64 for float64 input) and their results are
+carried on in float64, where rounding residues are corrected. Inputs of up to ``SMALL``
+elements take a few float64 ops instead: there the per-op cost dominates. Why these
+kernels and what each costs: docs/design.md.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from syncbn.stats import BatchStatistics, compute_dtype, reduced_dims
@@ -32,20 +23,21 @@ SMALL = 1 << 15
 
 
 def centered(input: Tensor, mean: Tensor) -> Tensor:
-    """``input - mean`` per channel, exactly rounded, in the compute dtype.
+    """``input - mean`` per channel, exactly rounded, in the compute dtype: one pass, a new tensor.
 
-    BatchNorm's inference kernel with ``alpha = 1`` (variance 1, eps 0, no weight) and
-    ``beta = -mean`` computes ``x * 1 + (-mean)``: one rounding, like a subtraction.
+    Half-precision input is promoted on the fly (a float32 ``mean`` broadcasts against it).
+
+    Example:
+        >>> centered(torch.tensor([[1.0, 5.0], [3.0, 7.0]]), torch.tensor([2.0, 6.0])).tolist()
+        [[-1.0, -1.0], [1.0, 1.0]]
     """
-    values = input if input.dtype in (torch.float32, torch.float64) else input.to(compute_dtype(input.dtype))
-    mean = mean.to(values.dtype)
-    return F.batch_norm(values, mean, torch.ones_like(mean), None, None, False, 0.0, 0.0)
+    return input - _per_channel(mean, input, compute_dtype(input.dtype))
 
 
 def batch_statistics(input: Tensor) -> BatchStatistics:
     """Count, mean and M2 per channel (float64 results, float32 passes), without autograd.
 
-    Two passes (mean, then squared deviations) keep M2 accurate for offset inputs. The
+    Two passes (mean, then deviations from it) keep M2 accurate for offset inputs. The
     mean is compensated: a float32 mean near 1e4 is off by up to 5e-4 from rounding
     alone, and merging replicas multiplies that into M2 through ``(mean_i - mean)^2``.
     So ``center`` is the float32 mean, and the exact mean of ``x - center`` (exact while
@@ -69,20 +61,29 @@ def batch_statistics(input: Tensor) -> BatchStatistics:
             var, mean = torch.var_mean(input.double(), dims, correction=0)
         return BatchStatistics(count, mean, var * count)
     with torch.no_grad():
-        center = input.sum(dims, dtype=compute_dtype(input.dtype)) / count
+        center = input.sum(dims, dtype=compute_dtype(input.dtype)).div_(count)
         deviations = centered(input, center)
-        correction = deviations.sum(dims).double() / count
-        # Squared in place: no second batch-sized temporary.
-        m2 = deviations.square_().sum(dims).double() - count * correction.square()
-    return BatchStatistics(count, center.double() + correction, m2)
+        if deviations.dim() > 2 and deviations.is_contiguous():
+            # sum(dev) and sum(dev * dev) in one pass: BatchNorm's backward kernel (inference
+            # mode, mean 0, variance 1) with dev as input and gradient. It sums each (n, c)
+            # plane vectorized, then the planes: accurate where planes are long, so only here.
+            zeros, ones = torch.zeros_like(center), torch.ones_like(center)
+            _, squares, sums = torch.ops.aten.native_batch_norm_backward(
+                deviations, deviations, ones, zeros, ones, None, None, False, 0.0, [False, True, True]
+            )
+        else:  # squared in place: no second batch-sized temporary
+            sums, squares = deviations.sum(dims), deviations.square_().sum(dims)
+        sums = torch.stack([center, sums, squares]).double()
+    correction = sums[1] / count
+    return BatchStatistics(count, sums[0] + correction, sums[2] - count * correction.square())
 
 
 def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """``(x - mean) * invstd * weight + bias`` in one pass; output in ``input``'s dtype and layout.
 
-    Done by BatchNorm's inference kernel as ``(x - mean32) * scale + shift``, where
-    ``mean32`` is the float64 mean rounded to the compute dtype and ``shift`` carries the
-    rounding residue ``(mean - mean32) * scale`` exactly.
+    Done by BatchNorm's inference kernel with ``mean32`` (the float64 mean rounded to
+    the compute dtype) as its mean, variance 1, and a bias that carries the rounding
+    residue ``(mean - mean32) * scale``.
     """
     if input.numel() <= SMALL:  # few ops beat fused passes here; float64 is exact enough
         scale = invstd * weight.double() if weight is not None else invstd
@@ -93,10 +94,12 @@ def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
     dtype = compute_dtype(input.dtype)
     mean = mean.double()
     rounded = mean.to(dtype)
-    scale = invstd.double() * (weight.double() if weight is not None else 1.0)
-    shift = (bias.double() if bias is not None else 0.0) - (mean - rounded.double()) * scale
+    scale = invstd.double() * weight if weight is not None else invstd.double()  # float64: promoted
+    shift = (rounded - mean) * scale
+    if bias is not None:
+        shift += bias
     ones = torch.ones_like(rounded)
-    return F.batch_norm(input, rounded, ones, scale.to(dtype), shift.to(dtype), False, 0.0, 0.0)
+    return torch.batch_norm(input, scale.to(dtype), shift.to(dtype), rounded, ones, False, 0.0, 0.0, False)
 
 
 def normalize_backward(
@@ -125,6 +128,10 @@ def normalize_backward(
 def gradient_sums(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """``sum(dy)`` and ``sum(dy * xhat)`` per channel, float64: one fused pass, nothing written.
 
+    BatchNorm's backward kernel (inference mode, variance 1) sums ``dy`` and
+    ``dy * (x - mean32)``; ``sum(dy * xhat)`` is corrected for the rounding of the mean
+    in float64.
+
     Example:
         >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
         >>> [t.tolist() for t in gradient_sums(dy, x, torch.tensor([2.0]), torch.tensor([0.5]))]
@@ -133,8 +140,69 @@ def gradient_sums(grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tens
     if input.numel() <= SMALL:
         _, sum_dy, sum_dy_xhat = normalize_backward(grad_output, input, mean, invstd, None)
         return sum_dy, sum_dy_xhat
-    _, sum_dy, sum_dy_xhat = _kernel_backward(grad_output, input, mean, invstd, None, with_input_grad=False)
-    return sum_dy, sum_dy_xhat
+    mean = mean.double()
+    rounded = mean.to(compute_dtype(input.dtype))
+    ones = torch.ones_like(rounded)
+    _, sum_dy_deviation, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_output, input, ones, rounded, ones, None, None, False, 0.0, [False, True, True]
+    )
+    sum_dy = sum_dy.double()
+    # sum(dy * (x - mean)) = sum(dy * (x - mean32)) - (mean - mean32) * sum(dy)
+    return sum_dy, (sum_dy_deviation.double() - (mean - rounded) * sum_dy) * invstd
+
+
+def prepare_input_gradient(input: Tensor, mean: Tensor) -> Tensor | None:
+    """The pass of ``input_gradient`` that needs no global mean, to run while a collective does.
+
+    Returns ``x - mean32`` (``mean`` rounded to the compute dtype), or None for a small
+    input (``finish_input_gradient`` then does it all in float64).
+
+    Example:
+        >>> prepare_input_gradient(torch.ones(2, 1), torch.ones(1)) is None  # small
+        True
+    """
+    if input.numel() <= SMALL:
+        return None
+    return centered(input, mean.to(compute_dtype(input.dtype)))
+
+
+def finish_input_gradient(
+    deviations: Tensor | None,
+    grad_output: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_dy: Tensor,
+    mean_dy_xhat: Tensor,
+) -> Tensor:
+    """BatchNorm's ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` (global means).
+
+    With ``dev = x - mean32`` (``deviations``; centered, so nothing cancels):
+    ``dx = s * r * dev + s * q + s * dy``, where ``s = w * invstd``,
+    ``r = -invstd * mean(dy * xhat)`` and ``q = -mean(dy) + r * (mean32 - mean)``, built in
+    ``deviations`` in place (which becomes the result): a per-channel multiply, add, and
+    multiply-add of ``dy``.
+
+    Example:
+        >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
+        >>> mean, invstd = torch.tensor([2.0]), torch.tensor([1.0])
+        >>> dev = prepare_input_gradient(x, mean)
+        >>> finish_input_gradient(dev, dy, x, mean, invstd, None, torch.tensor([1.5]), torch.tensor([0.5])).tolist()
+        [[0.0], [0.0]]
+    """
+    invstd = invstd.double()
+    scale = invstd * weight.double() if weight is not None else invstd
+    slope = -invstd * mean_dy_xhat.double()
+    if deviations is None:  # the small path: float64 is exact enough
+        deviation = input.double() - _per_channel(mean, input)
+        correction = deviation * _per_channel(slope, input) - _per_channel(mean_dy, input)
+        return ((grad_output.double() + correction) * _per_channel(scale, input)).to(input.dtype)
+    dtype = deviations.dtype
+    mean = mean.double()
+    offset = scale * (slope * (mean.to(dtype).double() - mean) - mean_dy.double())
+    dx = deviations.mul_(_per_channel(scale * slope, input, dtype)).add_(_per_channel(offset, input, dtype))
+    return dx.addcmul_(grad_output, _per_channel(scale, input, dtype)).to(input.dtype)
 
 
 def input_gradient(
@@ -148,7 +216,9 @@ def input_gradient(
 ) -> Tensor:
     """BatchNorm's ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` (global means).
 
-    ``dy * invstd * w`` plus a correction affine in ``x - mean`` (centered, so nothing cancels).
+    ``prepare_input_gradient`` then ``finish_input_gradient``: four passes over the
+    batch and one batch-sized tensor (``x - mean32``, then in place a multiply, an add and
+    a multiply-add of ``dy``).
 
     Example:
         >>> x, dy = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [2.0]])
@@ -156,14 +226,8 @@ def input_gradient(
         >>> input_gradient(dy, x, mean, invstd, None, torch.tensor([1.5]), torch.tensor([0.5])).tolist()
         [[0.0], [0.0]]
     """
-    scale = invstd.double() * (weight.double() if weight is not None else 1.0)
-    correction = affine_in_deviation(input, mean, -scale * invstd.double() * mean_dy_xhat, -scale * mean_dy)
-    if input.numel() <= SMALL:
-        scaled = grad_output.double() * _per_channel(scale, input)
-    else:  # dy * scale: one pass of the inference kernel (no centering needed)
-        dtype = compute_dtype(input.dtype)
-        scaled = _affine(grad_output.to(dtype), scale.to(dtype), torch.zeros_like(scale, dtype=dtype))
-    return scaled.to(correction.dtype).add_(correction).to(input.dtype)
+    deviations = prepare_input_gradient(input, mean)
+    return finish_input_gradient(deviations, grad_output, input, mean, invstd, weight, mean_dy, mean_dy_xhat)
 
 
 def _kernel_backward(
@@ -202,13 +266,14 @@ def affine_in_deviation(input: Tensor, mean: Tensor, slope: Tensor, offset: Tens
 
 
 def _affine(values: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
+    """``values * slope + offset`` per channel in one pass: BatchNorm's inference kernel (mean 0, variance 1)."""
     zeros = torch.zeros_like(slope)
-    return F.batch_norm(values, zeros, torch.ones_like(slope), slope, offset, False, 0.0, 0.0)
+    return torch.batch_norm(values, slope, offset, zeros, torch.ones_like(slope), False, 0.0, 0.0, False)
 
 
-def _per_channel(vector: Tensor, input: Tensor) -> Tensor:
-    """A float64 ``(C,)`` vector shaped to broadcast against ``(N, C, *)`` input."""
-    return vector.double().view(1, -1, *([1] * (input.dim() - 2)))
+def _per_channel(vector: Tensor, input: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A ``(C,)`` vector in ``dtype`` (float64 by default) shaped to broadcast against ``(N, C, *)`` input."""
+    return vector.to(dtype).view(1, -1, *([1] * (input.dim() - 2)))
 
 
 def _as(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -122,6 +122,7 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
             replica=replica,
             # Replicas of syncbn.DataParallel synchronize with their peers, not a process group.
             process_group=active_process_group(self.process_group) if bn_training and not synchronized_peers else None,
+            layer=self,
         )
 
 

@@ -100,6 +100,7 @@ def _route(
             eps,
             replica=layer.replica,
             process_group=layer.process_group,
+            layer=layer.module,
         )
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 

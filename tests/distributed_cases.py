@@ -124,6 +124,24 @@ def offset_float32() -> tuple[nn.Module, torch.Tensor]:
 
 
 @case
+def offset_large() -> tuple[nn.Module, torch.Tensor]:
+    seeded()  # every rank's shard above kernels.SMALL: the fused passes, not the float64 ones
+    return nn.Sequential(nn.BatchNorm2d(8)), 1e4 + torch.randn(64, 8, 20, 20)
+
+
+@case
+def plain_large() -> tuple[nn.Module, torch.Tensor]:
+    seeded()
+    return nn.Sequential(nn.BatchNorm2d(8)), 1.0 + 3 * torch.randn(64, 8, 20, 20)
+
+
+@case
+def plain_float32() -> tuple[nn.Module, torch.Tensor]:
+    seeded()
+    return nn.Sequential(nn.BatchNorm2d(4)), 1.0 + 3 * torch.randn(16, 4, 6, 6)
+
+
+@case
 def bfloat16() -> tuple[nn.Module, torch.Tensor]:
     seeded()
     return nn.Sequential(nn.BatchNorm2d(4)), torch.randn(8, 4, 5, 5).bfloat16()
@@ -142,6 +160,163 @@ def training() -> tuple[nn.Module, torch.Tensor]:
 
     seeded()
     return resnet_tiny().double(), torch.randn(8, 3, 16, 16, dtype=torch.float64)
+
+
+class Smooth(nn.Module):
+    """Two BN layers (one without affine parameters) with tanh between: second derivatives everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 1)
+        self.bn2 = nn.BatchNorm2d(5, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(torch.tanh(self.bn1(self.conv1(x))))).tanh()
+
+
+@case
+def smooth() -> tuple[nn.Module, torch.Tensor]:
+    seeded()
+    return Smooth().double(), torch.randn(8, 3, 6, 6, dtype=torch.float64)
+
+
+# The gradient penalty's weight: large enough that its second-order part dominates.
+PENALTY_WEIGHT = 2.0
+
+
+def penalty_step(net: nn.Module, x: torch.Tensor, cotangent: torch.Tensor) -> dict[str, object]:
+    """loss = <net(x), cotangent> + w * |d loss / dx|^2: first- and second-order gradients.
+
+    On R ranks each one's loss is its shard's part; the full-batch loss is their sum, so
+    parameter gradients are summed over ranks by the caller (autograd.grad, not DDP).
+    """
+    leaf = x.clone().requires_grad_()
+    out = net(leaf)
+    loss = (out * cotangent).sum()
+    params = [p for p in net.parameters() if p.requires_grad]
+    (first,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    first_params = torch.autograd.grad(loss, params, retain_graph=True)
+    total = loss + PENALTY_WEIGHT * first.square().sum()
+    second, *second_params = torch.autograd.grad(total, [leaf, *params])
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    return {
+        "output": [out.detach()],
+        "first_grad": [first.detach()],
+        "input_grad": [second],
+        "first_param_grads": dict(zip(names, first_params, strict=True)),
+        "grads": dict(zip(names, second_params, strict=True)),
+    }
+
+
+def run_penalty(name: str, rank: int, world: int) -> dict[str, object]:
+    """A gradient penalty on this rank's shard; parameter gradients summed over ranks.
+
+    ``penalty``: SyncBN; the negative controls: ``penalty_unconverted`` (plain BN per
+    rank) and ``penalty_detached`` (SyncBN whose global sums do not carry gradients, the
+    processes way before it was made differentiable twice).
+    """
+    import syncbn
+    import syncbn._functions as functions
+
+    model, x = CASES["smooth"]()
+    cotangent = cotangent_for(copy.deepcopy(model)(x))
+    shard = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+    net = model if name == "penalty_unconverted" else syncbn.convert_model(model)
+    exact = functions._GlobalSumFunction.apply
+    if name == "penalty_detached":
+        functions._GlobalSumFunction.apply = lambda local, *rest: exact(local, *rest).detach()
+    try:
+        result = penalty_step(net, x[shard], cotangent[shard])
+    finally:
+        functions._GlobalSumFunction.apply = exact
+    for key in ("first_param_grads", "grads"):
+        for grad in result[key].values():
+            dist.all_reduce(grad)  # the full-batch loss is the sum of the ranks' losses
+    return {"shard": shard, **result}
+
+
+class TwoLayers(nn.Module):
+    """Two SyncBN layers whose calls a rank can get wrong, on purpose (``fault``)."""
+
+    def __init__(self, first: int = 4, second: int = 6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, first, 1)
+        self.bn_a = nn.BatchNorm2d(first)
+        self.expand = nn.Conv2d(first, second, 1)
+        self.bn_b = nn.BatchNorm2d(second)
+        self.fault = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.fault == "swap" and h.size(1) == self.expand.out_channels:
+            return self.bn_a(self.bn_b(h))
+        if self.fault == "skip":
+            return self.bn_b(self.expand(h))
+        h = self.bn_b(self.expand(self.bn_a(h)))
+        return self.bn_b(h) if self.fault == "extra_call" else h
+
+    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv(x)
+        return self.bn_a(h), self.bn_b(self.expand(h))
+
+
+MISMATCHES = {
+    # name: (channels of bn_a and bn_b, the fault of the faulty rank)
+    "mismatch_skip": ((4, 6), "skip"),
+    "mismatch_order": ((5, 5), "swap"),
+    "mismatch_extra_call": ((4, 6), "extra_call"),
+    "mismatch_wide": ((4, 2100), "skip"),  # bn_b's statistics need a second collective
+    "mismatch_backward": ((4, 6), "backward"),
+    "mismatch_unchecked": ((5, 5), "swap"),  # negative control: identical tags, no check can tell
+}
+
+
+def run_mismatch(name: str, rank: int, world: int) -> dict[str, object]:
+    """The last rank makes a fault; every rank records the SyncBNError it got, then all take a healthy step."""
+    import syncbn
+    import syncbn._functions as functions
+    from syncbn.comm.distributed import CollectiveTag
+
+    (first, second), fault = MISMATCHES[name]
+    seeded()
+    model = syncbn.convert_model(TwoLayers(first, second).double())
+    x = torch.randn(4 * world, 3, 5, 5, dtype=torch.float64)
+    shard = x[torch.tensor_split(torch.arange(x.shape[0]), world)[rank]]
+    exact_tag = functions.layer_tag
+    if name == "mismatch_unchecked":  # every layer looks the same: the checks cannot see the swap
+        functions.layer_tag = lambda layer, group: CollectiveTag("same", 1, 0)
+    try:
+        return mismatched_step(model, shard, rank == world - 1, fault)
+    finally:
+        functions.layer_tag = exact_tag
+
+
+def mismatched_step(model: nn.Module, shard: torch.Tensor, faulty: bool, fault: str) -> dict[str, object]:
+    import syncbn
+
+    model.fault = fault if faulty else ""
+    error, output = None, None
+    started = time.monotonic()
+    try:
+        if fault == "backward":
+            a, b = model.branches(shard)
+            # The faulty rank's loss ignores bn_a: its backward skips bn_a's collective,
+            # and its next step's forward meets the other ranks' backward of bn_a.
+            (b.sum() if faulty else a.sum() + b.sum()).backward()
+            sum(out.sum() for out in model.branches(shard)).backward()
+        else:
+            out = model(shard)
+            out.sum().backward()
+            output = out.detach()
+    except syncbn.SyncBNError as raised:
+        error = f"{type(raised).__name__}: {raised}"
+    elapsed = time.monotonic() - started
+    model.fault = ""
+    healthy = model(shard)  # ranks that raised together are still in step
+    healthy.sum().backward()
+    return {"error": error, "seconds": elapsed, "healthy": healthy.detach(), "output": output}
 
 
 def cotangent_for(output: torch.Tensor) -> torch.Tensor:
@@ -201,6 +376,40 @@ def run_subgroups(rank: int, world: int) -> dict[str, object]:
     return {"shard": shard, "output": [out.detach()], "input_grad": [local_x.grad], "pairs": pairs}
 
 
+def run_call_indices(rank: int, world: int) -> dict[str, object]:
+    """What the call index counts: forward collectives in training mode, recomputations included."""
+    import syncbn
+    from syncbn.comm.distributed import layer_tag
+
+    model, x = CASES["checkpointed"]()
+    net = syncbn.convert_model(model)
+    shard = x[torch.tensor_split(torch.arange(x.shape[0]), world)[rank]]
+    group = dist.group.WORLD
+    seen = []
+    with torch.no_grad():
+        net(shard)  # training mode without grad: a collective, counted
+    seen.append(layer_tag(net.bn, group).call)
+    net.eval()
+    net(shard)  # running statistics: no collective, not counted
+    seen.append(layer_tag(net.bn, group).call)
+    net.train()
+    net(shard.clone().requires_grad_()).sum().backward()  # forward, then its recomputation
+    seen.append(layer_tag(net.bn, group).call)
+    return {"calls": seen, "tag": tuple(layer_tag(net.bn, group))}
+
+
+def run_named(name: str, rank: int, world: int) -> dict[str, object]:
+    if name == "subgroups":
+        return run_subgroups(rank, world)
+    if name == "call_indices":
+        return run_call_indices(rank, world)
+    if name.startswith("penalty"):
+        return run_penalty(name, rank, world)
+    if name.startswith("mismatch"):
+        return run_mismatch(name, rank, world)
+    return run_case(name, rank, world, 3 if name == "training" else 1)
+
+
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -208,12 +417,7 @@ def main() -> None:
         "gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("SYNCBN_TEST_TIMEOUT", 60)))
     )
     try:
-        results = {
-            name: run_subgroups(rank, world)
-            if name == "subgroups"
-            else run_case(name, rank, world, 3 * (name == "training") or 1)
-            for name in names
-        }
+        results = {name: run_named(name, rank, world) for name in names}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

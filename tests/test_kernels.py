@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 import syncbn
-from syncbn.kernels import SMALL, affine_in_deviation, batch_statistics, normalize, normalize_backward
+from syncbn.kernels import (
+    SMALL,
+    affine_in_deviation,
+    batch_statistics,
+    gradient_sums,
+    input_gradient,
+    normalize,
+    normalize_backward,
+)
 
 SIZES = {"small": (4, 3, 8, 8), "large": (32, 3, 32, 32)}
 
@@ -57,6 +65,36 @@ def test_normalize_and_its_backward(offset_input):
     )
     torch.testing.assert_close(sum_dy, dy.double().sum((0, 2, 3)), rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(sum_dy_xhat, (dy.double() * xhat).sum((0, 2, 3)), rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradient_sums_and_input_gradient_as_accurate_as_torch(offset_input, affine):
+    # The processes way's backward against float64 math, beside torch's own BatchNorm
+    # backward (float32 in, same statistics) against the same truth.
+    x = offset_input
+    xd = x.double()
+    mean, var = xd.mean((0, 2, 3)), xd.var((0, 2, 3), correction=0)
+    invstd = (var + 1e-5).rsqrt()
+    weight = torch.rand(3) + 0.5 if affine else None
+    # correlated with x, so that mean(dy * xhat) is far from zero
+    dy = torch.randn_like(x) + 0.3 * (xd - as_float64_view(mean, x)).float()
+    xhat = (xd - as_float64_view(mean, x)) * as_float64_view(invstd, x)
+    sum_dy, sum_dy_xhat = gradient_sums(dy, x, mean, invstd)
+    torch.testing.assert_close(sum_dy, dy.double().sum((0, 2, 3)), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(sum_dy_xhat, (dy.double() * xhat).sum((0, 2, 3)), rtol=1e-6, atol=1e-3)
+    count = x.numel() // 3
+    mean_dy, mean_dy_xhat = dy.double().mean((0, 2, 3)), (dy.double() * xhat).mean((0, 2, 3))
+    w = weight.double() if affine else torch.ones(3, dtype=torch.float64)
+    truth = (dy.double() - as_float64_view(mean_dy, x) - xhat * as_float64_view(mean_dy_xhat, x)) * as_float64_view(
+        w * invstd, x
+    )
+    got = input_gradient(dy, x, mean, invstd, weight, sum_dy / count, sum_dy_xhat / count)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    torch_grad = torch.ops.aten.native_batch_norm_backward(
+        dy, x, weight, None, None, mean.float(), invstd.float(), True, 1e-5, [True, False, False]
+    )[0]
+    torch_error = (torch_grad.double() - truth).abs().max()
+    assert (got.double() - truth).abs().max() <= 2 * torch_error + 1e-6
 
 
 def test_affine_in_deviation(offset_input):
