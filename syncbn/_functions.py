@@ -24,7 +24,14 @@ from syncbn.comm.distributed import (
     count_call,
     layer_tag,
 )
-from syncbn.stats import check_count, compute_dtype, reduced_dims, update_running_statistics
+from syncbn.stats import (
+    BatchStatistics,
+    check_count,
+    compute_dtype,
+    merge_gathered,
+    reduced_dims,
+    update_running_statistics,
+)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -158,3 +165,71 @@ class _GlobalSumFunction(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
         grad_local = _GlobalSumFunction.apply(grad_total.contiguous(), None, ctx.tag, ctx.kind + 2, ctx.group)
         return grad_local, None, None, None, None
+
+
+def merge_across_processes(
+    local: BatchStatistics, group: dist.ProcessGroup, layer: nn.Module | None
+) -> BatchStatistics:
+    """The statistics of every process's batch, from this process's ``local`` ones: one checked all_gather.
+
+    Differentiable: the gradient of ``local`` sums, over every process, the gradients of
+    the merged statistics (a collective in backward), as ``syncbn.DataParallel`` in a
+    torch.distributed job needs: its replicas' statistics feed every process's layers.
+
+    Example:
+        >>> # in every process of an initialized group:
+        >>> # merged = merge_across_processes(local, group, layer)
+    """
+    tag = layer_tag(layer, group)
+    counts, rows = all_gather_checked(torch.cat([local.mean, local.m2]).detach(), tag, FORWARD, group, local.count)
+    count_call(layer, group, tag)
+    channels = local.mean.numel()
+    merged = merge_gathered(counts, rows[:, :channels], rows[:, channels:])
+    mean, m2 = _CrossProcessMergeFunction.apply(
+        local.mean, local.m2, merged.mean, merged.m2, local.count, merged.count, tag, group
+    )
+    return BatchStatistics(merged.count, mean, m2)
+
+
+class _CrossProcessMergeFunction(torch.autograd.Function):
+    """(local mean, M2; merged mean, M2 already exchanged) -> the merged ones, with their gradient.
+
+    backward, as Chan's merge (``syncbn.functional._MergeFunction``) with this process as
+    one part of ``n`` values: dmean_local = n_local / n * g_mean + 2 n_local (mean_local -
+    mean) * g_M2 and dM2_local = g_M2, where (g_mean, g_M2) are the merged statistics'
+    gradients summed over every process (``_GlobalSumFunction``: one collective, itself
+    differentiable).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        local_mean: Tensor,
+        local_m2: Tensor,
+        mean: Tensor,
+        m2: Tensor,
+        local_count: int,
+        count: int,
+        tag: CollectiveTag,
+        group: dist.ProcessGroup,
+    ) -> tuple[Tensor, Tensor]:
+        mean, m2 = mean.clone(), m2.clone()
+        ctx.save_for_backward(local_mean, mean)
+        ctx.local_count, ctx.count, ctx.tag, ctx.group = local_count, max(count, 1), tag, group
+        return mean, m2
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_mean: Tensor, grad_m2: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        local_mean, mean = ctx.saved_tensors
+        grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
+        grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
+        channels = mean.numel()
+        summed = _GlobalSumFunction.apply(
+            torch.cat([grad_mean, grad_m2]).contiguous(), None, ctx.tag, BACKWARD, ctx.group
+        )
+        total_mean, total_m2 = summed[:channels], summed[channels:]
+        n = ctx.local_count
+        grad_local_mean = n / ctx.count * total_mean + 2 * n * (local_mean - mean) * total_m2
+        return grad_local_mean, total_m2, None, None, None, None, None, None

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from syncbn import kernels
-from syncbn._functions import _SyncBatchNormFunction
+from syncbn._functions import _SyncBatchNormFunction, merge_across_processes
 from syncbn.comm.replica_context import ReplicaContext
 from syncbn.shards import join_batch, split_batch
 from syncbn.stats import (
@@ -88,12 +88,14 @@ def sync_batch_norm(
     if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training and replica is not None and replica.world_size > 1:
-        shard = _Shard(input, running_mean, running_var, weight, bias, momentum, eps)
+        # With a process group too (syncbn.DataParallel in a torch.distributed job), the
+        # replicas' combined statistics are reduced across processes once per call.
+        shard = _Shard(input, running_mean, running_var, weight, bias, momentum, eps, process_group, layer)
         if replica.rendezvous.one_device:
             return replica.rendezvous.exchange(replica.rank, replica.layer, shard, _normalize_together)[replica.rank]
         target = _gradient_target(input)
         local = _local_statistics(target, input)
-        merged = _exchange_statistics(replica, _Post(local, weight, bias))
+        merged = _exchange_statistics(replica, _Post(local, weight, bias, process_group, layer))
         return _normalize_with(shard, target, local, merged, replica.rank, replica.world_size)
     if training and process_group is not None:
         return _SyncBatchNormFunction.apply(
@@ -115,6 +117,8 @@ class _Shard(NamedTuple):
     bias: Tensor | None
     momentum: float
     eps: float
+    process_group: dist.ProcessGroup | None = None
+    layer: nn.Module | None = None
 
 
 def _normalize_together(shards: list[_Shard]) -> list[Tensor]:
@@ -130,7 +134,10 @@ def _normalize_together(shards: list[_Shard]) -> list[Tensor]:
     if not _joinable(shards):
         targets = [_gradient_target(shard.input) for shard in shards]
         local = [_local_statistics(target, shard.input) for target, shard in zip(targets, shards, strict=True)]
-        posts = [_Post(stats, shard.weight, shard.bias) for stats, shard in zip(local, shards, strict=True)]
+        posts = [
+            _Post(stats, shard.weight, shard.bias, shard.process_group, shard.layer)
+            for stats, shard in zip(local, shards, strict=True)
+        ]
         merged = _merge_posts(posts)
         return [
             _normalize_with(shard, targets[rank], local[rank], merged, rank, len(shards))
@@ -138,10 +145,15 @@ def _normalize_together(shards: list[_Shard]) -> list[Tensor]:
         ]
     first = shards[0]  # replica 0's buffers are the master's; the others' copies are discarded
     whole = join_batch([shard.input for shard in shards], private=True)
-    check_count(whole.numel() // whole.size(1), whole, f"all {len(shards)} replicas")
-    output = torch_batch_norm(
-        whole, first.running_mean, first.running_var, first.weight, first.bias, True, first.momentum, first.eps
-    )
+    arguments = (first.running_mean, first.running_var, first.weight, first.bias)
+    if first.process_group is not None:  # this process's batch, normalized as the processes way does
+        running_mean, running_var, weight, bias = arguments
+        output = _SyncBatchNormFunction.apply(
+            whole, weight, bias, running_mean, running_var, first.momentum, first.eps, first.process_group, first.layer
+        )
+    else:
+        check_count(whole.numel() // whole.size(1), whole, f"all {len(shards)} replicas")
+        output = torch_batch_norm(whole, *arguments, True, first.momentum, first.eps)
     return split_batch(output, [shard.input.size(0) for shard in shards])
 
 
@@ -168,6 +180,8 @@ class _Post(NamedTuple):
     statistics: BatchStatistics
     weight: Tensor | None
     bias: Tensor | None
+    process_group: dist.ProcessGroup | None = None
+    layer: nn.Module | None = None
 
 
 class _Merged(NamedTuple):
@@ -189,9 +203,14 @@ class _Merged(NamedTuple):
 
 
 def _merge_posts(posts: list[_Post]) -> _Merged:
-    """Chan's merge of every replica's statistics, and the float64 parameters, on the first replica's device."""
+    """Chan's merge of every replica's statistics, and the float64 parameters, on the first replica's device.
+
+    With a process group, the merge then spans every replica of every process.
+    """
     merged = merge_replica_statistics([post.statistics for post in posts])
     first = posts[0]
+    if first.process_group is not None:
+        merged = merge_across_processes(merged, first.process_group, first.layer)
     return _Merged(merged, *(None if p is None else p.double() for p in (first.weight, first.bias)))
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncbn.comm.distributed import active_process_group
+from syncbn.comm.distributed import process_group_of
 from syncbn.comm.replica_context import replica_context
 from syncbn.functional import sync_batch_norm
 from syncbn.synchronized import Synchronized, check_bound, scripted_as, traced_call
@@ -95,7 +95,6 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
             return traced
         self._check_input_dim(input)
         replica = replica_context(self)
-        synchronized_peers = replica is not None and replica.world_size > 1
         # Batch statistics in training, and in eval when there are no running ones.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         if bn_training:
@@ -120,8 +119,7 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
             exponential_average_factor,
             self.eps,
             replica=replica,
-            # Replicas of syncbn.DataParallel synchronize with their peers, not a process group.
-            process_group=active_process_group(self.process_group) if bn_training and not synchronized_peers else None,
+            process_group=process_group_of(self, replica) if bn_training else None,
             layer=self,
         )
 

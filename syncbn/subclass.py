@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from syncbn.comm.distributed import active_process_group
+from syncbn.comm.distributed import process_group_of
 from syncbn.comm.replica_context import ReplicaContext, replica_context
 from syncbn.errors import SyncBNError
 from syncbn.functional import sync_batch_norm, torch_batch_norm
@@ -157,7 +157,7 @@ class _SynchronizedSubclass(Synchronized):
             check_bound(self, replica is not None)  # type: ignore[arg-type]
         if replica is not None and replica.world_size == 1:
             replica = None
-        group = None if replica is not None else active_process_group(getattr(self, "process_group", None))
+        group = process_group_of(self, replica)  # type: ignore[arg-type]
         if replica is None and group is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         layer = _ActiveLayer(self, replica, group)  # type: ignore[arg-type]

@@ -135,3 +135,4 @@ def scripted_as(forward: Callable[..., Any]) -> Callable[..., Any]:
     copy.__kwdefaults__ = forward.__kwdefaults__
     copy.__annotations__ = dict(forward.__annotations__)
     return copy
+

@@ -79,9 +79,10 @@ def _use_the_statistics_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make virtual CPU replicas do what replicas on separate devices do: threads, merged statistics."""
     from syncbn.parallel import data_parallel, parallel_apply
 
-    monkeypatch.setattr(
-        data_parallel, "Rendezvous", lambda world_size, timeout, one_device: Rendezvous(world_size, timeout)
-    )
+    def separate_devices(world_size: int, timeout: float, *, one_device: bool, **kwargs: object) -> Rendezvous:
+        return Rendezvous(world_size, timeout, one_device=False, **kwargs)
+
+    monkeypatch.setattr(data_parallel, "Rendezvous", separate_devices)
     monkeypatch.setattr(parallel_apply, "runs_in_threads", lambda devices: True)
 
 

@@ -398,6 +398,59 @@ def run_call_indices(rank: int, world: int) -> dict[str, object]:
     return {"calls": seen, "tag": tuple(layer_tag(net.bn, group))}
 
 
+HYBRID = {
+    # name: (case, replicas per process, the way local replicas meet, across processes)
+    "hybrid_whole": ("bn2d", 2, "whole-batch", True),
+    "hybrid_statistics": ("bn2d", 2, "statistics", True),
+    "hybrid_uneven": ("uneven", 3, "whole-batch", True),
+    "hybrid_uneven_statistics": ("uneven", 3, "statistics", True),
+    "hybrid_local_only": ("bn2d", 2, "whole-batch", False),
+    "hybrid_penalty": ("smooth", 2, "whole-batch", True),
+    "hybrid_penalty_statistics": ("smooth", 2, "statistics", True),
+}
+
+
+def run_hybrid(name: str, rank: int, world: int) -> dict[str, object]:
+    """syncbn.DataParallel with virtual replicas inside every process of the job.
+
+    The full-batch loss is the sum of the ranks' losses, so parameter gradients are
+    summed over ranks here (all_reduce), not averaged as DDP would.
+    """
+    import syncbn
+    from syncbn.comm.rendezvous import Rendezvous
+    from syncbn.parallel import data_parallel, parallel_apply
+
+    case_name, replicas, way, across = HYBRID[name]
+    if way == "statistics":  # what replicas on separate devices do, forced on the CPU
+        data_parallel.Rendezvous = lambda size, timeout, *, one_device, **kw: Rendezvous(size, timeout, **kw)
+        parallel_apply.runs_in_threads = lambda devices: True
+    model, x = CASES[case_name]()
+    cotangent = cotangent_for(copy.deepcopy(model)(x))
+    shard = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+    net = syncbn.convert_model(model)
+    parallel = syncbn.DataParallel(net, replicas=replicas, across_processes=across)
+    if "penalty" in name:
+        result = penalty_step(parallel, x[shard], cotangent[shard])
+        for key in ("first_param_grads", "grads"):
+            result[key] = {n.removeprefix("module."): grad for n, grad in result[key].items()}
+            for grad in result[key].values():
+                dist.all_reduce(grad)
+        return {"shard": shard, **result}
+    local_x = x[shard].clone().requires_grad_()
+    out = parallel(local_x)
+    out.backward(cotangent[shard])
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    for grad in grads.values():
+        dist.all_reduce(grad)
+    return {
+        "shard": shard,
+        "output": [out.detach()],
+        "input_grad": [local_x.grad],
+        "grads": grads,
+        "buffers": {n: b.clone() for n, b in net.named_buffers()},
+    }
+
+
 def run_named(name: str, rank: int, world: int) -> dict[str, object]:
     if name == "subgroups":
         return run_subgroups(rank, world)
@@ -407,6 +460,8 @@ def run_named(name: str, rank: int, world: int) -> dict[str, object]:
         return run_penalty(name, rank, world)
     if name.startswith("mismatch"):
         return run_mismatch(name, rank, world)
+    if name.startswith("hybrid"):
+        return run_hybrid(name, rank, world)
     return run_case(name, rank, world, 3 if name == "training" else 1)
 
 

@@ -426,3 +426,69 @@ def test_sync_cost_measurement_rejects_bad_arguments(shapes, replicas, match):
 
     with pytest.raises(ValueError, match=match):
         measure_sync_cost(shapes, replicas, repeats=1)
+
+
+# --- syncbn.DataParallel inside a torch.distributed job --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hybrid_job(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("hybrid")
+    results = launch(2, out_dir, list(cases.HYBRID))
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stderr[-3000:]}"
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def full_batch_with_summed_gradients(case_name: str, rows: torch.Tensor | None = None) -> dict[str, object]:
+    """nn.BatchNorm on one process, on the whole batch (or on ``rows`` of it)."""
+    model, x = cases.CASES[case_name]()
+    cotangent = cases.cotangent_for(copy.deepcopy(model)(x))
+    if rows is not None:
+        x, cotangent = x[rows], cotangent[rows]
+    xr = x.clone().requires_grad_()
+    out = model(xr)
+    out.backward(cotangent)
+    return {
+        "output": out.detach(),
+        "input_grad": xr.grad,
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+        "buffers": dict(model.named_buffers()),
+    }
+
+
+@pytest.mark.parametrize("name", [n for n, spec in cases.HYBRID.items() if spec[3] and "penalty" not in n])
+def test_data_parallel_in_a_job_reduces_over_every_replica_of_every_process(hybrid_job, name):
+    # 2 processes x R virtual replicas each, both ways replicas meet, against one process
+    # on the whole global batch.
+    expected = full_batch_with_summed_gradients(cases.HYBRID[name][0])
+    torch.testing.assert_close(torch.cat([r[name]["output"][0] for r in hybrid_job]), expected["output"], **FLOAT64)
+    got_grad = torch.cat([r[name]["input_grad"][0] for r in hybrid_job])
+    torch.testing.assert_close(got_grad, expected["input_grad"], **FLOAT64)
+    for rank in hybrid_job:
+        torch.testing.assert_close(rank[name]["grads"], expected["grads"], **FLOAT64)
+        torch.testing.assert_close(rank[name]["buffers"], expected["buffers"], **FLOAT64)
+
+
+def test_data_parallel_in_a_job_can_keep_statistics_within_each_process(hybrid_job):
+    # across_processes=False: each process's replicas meet only each other, so each
+    # process computes what one device computes on that process's batch.
+    name = "hybrid_local_only"
+    for rank in hybrid_job:
+        expected = full_batch_with_summed_gradients("bn2d", rank[name]["shard"])
+        torch.testing.assert_close(rank[name]["output"][0], expected["output"], **FLOAT64)
+        torch.testing.assert_close(rank[name]["input_grad"][0], expected["input_grad"], **FLOAT64)
+    # ... which is not the global batch's (the comparison above can fail).
+    everything = full_batch_with_summed_gradients("bn2d")
+    got = torch.cat([r[name]["output"][0] for r in hybrid_job])
+    assert not torch.allclose(got, everything["output"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["hybrid_penalty", "hybrid_penalty_statistics"])
+def test_a_gradient_penalty_through_data_parallel_in_a_job(hybrid_job, name):
+    expected = penalty_reference()
+    for key in ("output", "first_grad", "input_grad"):
+        torch.testing.assert_close(joined(hybrid_job, name, key)[0], expected[key][0], **FLOAT64)
+    for key in ("first_param_grads", "grads"):
+        for rank in hybrid_job:
+            torch.testing.assert_close(rank[name][key], expected[key], **FLOAT64)

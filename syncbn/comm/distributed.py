@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from syncbn.comm.replica_context import ReplicaContext
 from syncbn.errors import SyncBNError
 from syncbn.stats import BatchStatistics, merge_gathered
 from syncbn.synchronized import layer_name
@@ -72,6 +73,22 @@ def active_process_group(process_group: dist.ProcessGroup | None = None) -> dist
         return None
     group = process_group if process_group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
+
+
+def process_group_of(module: nn.Module, replica: ReplicaContext | None) -> dist.ProcessGroup | None:
+    """The process group ``module`` reduces over: its own or the default one, once initialized.
+
+    A replica of ``syncbn.DataParallel`` reduces over it too (after its peers in this
+    process), unless its DataParallel was made with ``across_processes=False``.
+
+    Example:
+        >>> import syncbn
+        >>> process_group_of(syncbn.SyncBatchNorm2d(3), None) is None  # no torch.distributed job here
+        True
+    """
+    if replica is not None and not replica.rendezvous.across_processes:
+        return None
+    return active_process_group(getattr(module, "process_group", None))
 
 
 class CollectiveTag(NamedTuple):

@@ -65,6 +65,8 @@ class Rendezvous:
             before its peers give up on it; the runner measures it.
         one_device: every replica runs on one device, so SyncBN may join their shards
             and normalize them at once (``syncbn.functional``).
+        across_processes: in a torch.distributed job, SyncBN also reduces the replicas'
+            statistics across the processes of its group.
 
     Example:
         >>> from syncbn.parallel.replica_threads import ReplicaThreads
@@ -78,7 +80,9 @@ class Rendezvous:
         [(0, 3), (1, 3)]
     """
 
-    def __init__(self, world_size: int, timeout: float = 60.0, *, one_device: bool = False) -> None:
+    def __init__(
+        self, world_size: int, timeout: float = 60.0, *, one_device: bool = False, across_processes: bool = True
+    ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1 (got {world_size})")
         if not timeout > 0:
@@ -86,6 +90,7 @@ class Rendezvous:
         self.world_size = world_size
         self.timeout = float(timeout)
         self.one_device = one_device
+        self.across_processes = across_processes
         self.lock = threading.Lock()
         self.schedule: Schedule | None = None
         self.combining: int | None = None  # the rank combining a slot's posts, if any

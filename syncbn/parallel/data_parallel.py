@@ -38,9 +38,12 @@ def run_synchronized(
     kwargs: Sequence[dict[str, Any]],
     devices: Sequence[torch.device],
     timeout: float,
+    across_processes: bool = True,
 ) -> list[Any]:
     """Bind ``replicas`` (copies of ``module``) to a new rendezvous and run them."""
-    rendezvous = Rendezvous(len(replicas), timeout, one_device=len(set(devices)) == 1)
+    rendezvous = Rendezvous(
+        len(replicas), timeout, one_device=len(set(devices)) == 1, across_processes=across_processes
+    )
     bind_replicas(module, replicas, rendezvous)
     return parallel_apply(replicas, args, kwargs, devices, rendezvous)
 
@@ -68,6 +71,10 @@ class DataParallel(nn.Module):
             ``SyncBNTimeoutError`` and the forward fails; computing never times out.
             Replicas sharing a device run on the caller's thread, where a blocked one
             blocks the forward as it would on one device. Default: 60.
+        across_processes: in a torch.distributed job, reduce over every replica of every
+            process (this process's replicas first, then one collective per layer call
+            over each SyncBN layer's process group, the default group unless set); False
+            keeps statistics within this process's replicas. Default: True.
 
     Shape:
         Inputs are split into ``replicas`` shards along ``dim`` (sizes differ by at most
@@ -91,6 +98,7 @@ class DataParallel(nn.Module):
         *,
         replicas: int | None = None,
         timeout: float = 60.0,
+        across_processes: bool = True,
     ) -> None:
         super().__init__()
         if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
@@ -101,6 +109,7 @@ class DataParallel(nn.Module):
         self.module = module
         self.dim = dim
         self.timeout = float(timeout)
+        self.across_processes = across_processes
         self.device_ids = _resolve_devices(module, device_ids)
         count = replicas if replicas is not None else len(self.device_ids)
         self.replica_devices = [self.device_ids[i % len(self.device_ids)] for i in range(count)]
@@ -133,7 +142,7 @@ class DataParallel(nn.Module):
     ) -> list[Any]:
         """Run the replicas, their SyncBN layers bound to one new rendezvous; their outputs in order."""
         devices = self.replica_devices[: len(replicas)]
-        return run_synchronized(self.module, replicas, inputs, kwargs, devices, self.timeout)
+        return run_synchronized(self.module, replicas, inputs, kwargs, devices, self.timeout, self.across_processes)
 
     def gather(self, outputs: Sequence[Any], output_device: torch.device) -> Any:
         """Join the replicas' outputs on ``output_device`` along ``dim``."""
