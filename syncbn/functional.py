@@ -5,36 +5,35 @@ Same arguments as ``torch.nn.functional.batch_norm`` plus where the replicas are
 With running statistics (eval mode), or with no replicas, it *is* ``F.batch_norm``:
 bit-identical results.
 
-The two ways differ in how gradients cross replicas. Threads share one autograd graph,
-so the threads way is built of differentiable ops and autograd does the rest: when the
-replicas share a device (virtual CPU replicas), the last to arrive normalizes every
-shard at once with torch's own BatchNorm; across devices, each replica's statistics
-are merged on the first device. Processes each have their own graph, so
-``_SyncBatchNormFunction`` makes one collective in forward (statistics) and one in
-backward (two per-channel gradient sums).
+This file picks the path; the math is in ``syncbn._functions``. Threads share one
+autograd graph, so the threads way is built of differentiable ops and autograd does the
+rest: when the replicas share a device (virtual CPU replicas), the last to arrive
+normalizes every shard at once with torch's own BatchNorm; across devices, each
+replica's statistics are merged on the first device. Processes each have their own
+graph, so ``_SyncBatchNormFunction`` makes one collective in forward (statistics) and one
+in backward (two per-channel gradient sums). A ``DataParallel`` inside a
+torch.distributed job does both: its replicas meet first, then the processes.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from syncbn import kernels
-from syncbn._functions import _SyncBatchNormFunction, merge_across_processes
+from syncbn._functions import (
+    _Float32GradientFunction,
+    _LocalStatisticsFunction,
+    _NormalizeFunction,
+    _SyncBatchNormFunction,
+    merge_across_processes,
+)
 from syncbn.comm.replica_context import ReplicaContext
 from syncbn.shards import join_batch, split_batch
-from syncbn.stats import (
-    BatchStatistics,
-    check_count,
-    compute_dtype,
-    merge_statistics,
-    reduced_dims,
-    update_running_statistics,
-)
+from syncbn.stats import BatchStatistics, check_count, merge_replica_statistics, update_running_statistics
 
 # Kept at import: syncbn.subclass may later route F.batch_norm through syncbn, and the
 # unsynchronized path must still reach torch's own kernel.
@@ -252,195 +251,3 @@ def _normalize_with(
         update_running_statistics(shard.running_mean, shard.running_var, on_device, shard.momentum)
     weight, bias = (None if p is None else p.to(input.device) for p in (merged.weight, merged.bias))
     return _NormalizeFunction.apply(target, input, mean, invstd, weight, bias, local.mean, local.m2)
-
-
-# Replicas on different devices: two Functions per replica, joined by the differentiable
-# merge (``_MergeFunction``). Autograd sums their two contributions to the input
-# gradient, so each must be small where the sum is: the normalize Function gives the
-# shard's own BatchNorm backward (dy less its local means) and hands the rest, a small
-# correction affine in x, to the statistics Function through the local (mean, M2). With
-# ``w * invstd * dy`` and its large mean split between them instead, each would be
-# rounded apart (in float16, 10-1000x further off than torch's input gradient; in float32,
-# by a per-channel constant whose rounding adds up over the batch).
-# For float16/bfloat16 input the two are summed in float32 (``_gradient_target``) and
-# rounded once, as torch rounds its input gradient once.
-
-
-class _LocalStatisticsFunction(torch.autograd.Function):
-    """(target, x) -> this replica's (mean, M2) of x per channel, float64; x's gradient goes to target.
-
-    backward: d/dx of mean is 1/n, of M2 is 2 (x - mean), so
-    dx = dmean / n + 2 (x - mean) dM2 — affine in x, one centered affine pass.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, target: Tensor, input: Tensor) -> tuple[Tensor, Tensor]:
-        stats = kernels.batch_statistics(input)
-        ctx.save_for_backward(input, stats.mean)
-        ctx.count, ctx.target_dtype = stats.count, target.dtype
-        return stats.mean, stats.m2
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_mean: Tensor, grad_m2: Tensor) -> tuple[Tensor, None]:
-        input, mean = ctx.saved_tensors
-        if ctx.count == 0:
-            return torch.zeros_like(input, dtype=ctx.target_dtype), None
-        grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
-        grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
-        if torch.is_grad_enabled():  # create_graph: plain differentiable ops (the kernels are not)
-            deviation = input.double() - _per_channel(mean, input)
-            grad = _per_channel(grad_mean / ctx.count, input) + 2 * deviation * _per_channel(grad_m2, input)
-            return grad.to(ctx.target_dtype), None
-        deviation_grad = kernels.affine_in_deviation(input, mean, 2 * grad_m2, grad_mean / ctx.count)
-        return deviation_grad.to(ctx.target_dtype), None
-
-
-class _NormalizeFunction(torch.autograd.Function):
-    """(target, x, mean, invstd, weight, bias, local mean, local M2) -> (x - mean) * invstd * weight + bias.
-
-    ``mean`` and ``invstd`` are the merged statistics; the shard's own (local mean, M2)
-    take part only in the backward, which hands them a share of x's gradient. That
-    gradient goes to ``target`` (x itself, or its float32 stand-in).
-
-    backward, with sums over this shard: dmean = -invstd * w * sum(dy),
-    dinvstd = w * sum(dy * (x - mean)), dweight = invstd * sum(dy * (x - mean)),
-    dbias = sum(dy); dx = torch's BatchNorm backward on this shard alone (local means of
-    dy and dy * xhat), and the local statistics get what makes up the rest of
-    ``w * invstd * dy``: ``w * invstd * (mean_local(dy) + xhat * mean_local(dy * xhat))``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        target: Tensor,
-        input: Tensor,
-        mean: Tensor,
-        invstd: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        local_mean: Tensor,
-        local_m2: Tensor,
-    ) -> Tensor:
-        ctx.save_for_backward(input, mean, invstd, weight, local_mean)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.target_dtype = target.dtype
-        return kernels.normalize(input, mean, invstd, weight, bias)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, mean, invstd, weight, local_mean = ctx.saved_tensors
-        w = weight.double() if weight is not None else 1.0
-        if torch.is_grad_enabled():  # create_graph: plain differentiable ops (the kernels are not)
-            dims = reduced_dims(input)
-            dy = grad_output.double()
-            deviation = input.double() - _per_channel(mean, input)
-            sum_dy, sum_dy_deviation = dy.sum(dims), (dy * deviation).sum(dims)
-            grad_input = dy * _per_channel(invstd * w, input)
-            grad_local_mean = grad_local_m2 = None
-        else:
-            grad_input, sum_dy, sum_dy_deviation, grad_local_mean, grad_local_m2 = _shard_backward(
-                grad_output, input, mean, invstd, weight, local_mean
-            )
-        grad_mean = -invstd * w * sum_dy
-        grad_invstd = w * sum_dy_deviation
-        grad_weight = (invstd * sum_dy_deviation).to(weight.dtype) if weight is not None else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        grad_input = grad_input.to(ctx.target_dtype)
-        return grad_input, None, grad_mean, grad_invstd, grad_weight, grad_bias, grad_local_mean, grad_local_m2
-
-
-def _shard_backward(
-    grad_output: Tensor, input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, local_mean: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """torch's training-mode BatchNorm backward on one shard, with the merged mean and invstd.
-
-    Returns ``(dx_local, sum(dy), sum(dy * (x - mean)), dlocal_mean, dlocal_M2)``, sums in
-    float64: ``dx_local`` is the kernel's input gradient (in the compute dtype), and the
-    local statistics' share makes up the rest of ``w * invstd * dy`` through their backward.
-    """
-    count = input.numel() // input.size(1)
-    zeros = torch.zeros_like(mean)
-    if count == 0:
-        return torch.zeros_like(input), zeros, zeros, zeros, zeros
-    dtype = compute_dtype(input.dtype)
-    # The kernel works with the mean and invstd rounded to the compute dtype: its centred
-    # term is (x - mean_k) * invstd_k^2 * sum(dy * (x - mean_k)) / n, and the share below
-    # uses the same, so that the two add up to w * invstd * dy up to a rounding of the
-    # scale on centred values (whose sum over the shard is zero: no error adds up).
-    mean_k, invstd_k = mean.to(dtype), invstd.to(dtype)
-    w_k = weight.to(dtype) if weight is not None else torch.ones_like(invstd_k)
-    # In the compute dtype, not rounded to float16: the share below is added to it in
-    # float32 (``_gradient_target``), and only the sum is rounded.
-    grad_input, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_output.to(dtype), input.to(dtype), w_k, None, None, mean_k, invstd_k, True, 0.0, [True, True, True]
-    )
-    scale = invstd.double() * (weight.double() if weight is not None else 1.0)
-    sum_dy, invstd_k = sum_dy.double(), invstd_k.double()
-    sum_dy_deviation_k = sum_dy_xhat.double() / invstd_k  # sum(dy * (x - mean_k))
-    # The share, scale * (sum_dy / n + invstd_k^2 * sum_dy_deviation_k / n * (x - mean_k)),
-    # as dx = dlocal_mean / n + 2 * (x - local_mean) * dlocal_M2 with x - mean_k =
-    # (x - local_mean) + (local_mean - mean_k):
-    slope = scale * invstd_k.square() * sum_dy_deviation_k / count
-    grad_local_mean = scale * sum_dy + count * slope * (local_mean - mean_k.double())
-    shift = mean.double() - mean_k.double()
-    return grad_input, sum_dy, sum_dy_deviation_k - shift * sum_dy, grad_local_mean, slope / 2
-
-
-class _Float32GradientFunction(torch.autograd.Function):
-    """x (float16/bfloat16) -> a float32 stand-in of x's shape that holds no memory.
-
-    The statistics way's Functions read x itself and send x's gradient to the stand-in;
-    autograd sums what they send in float32, and the backward rounds it to x's dtype once.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, input: Tensor) -> Tensor:
-        ctx.dtype = input.dtype
-        return input.new_zeros((), dtype=torch.float32).expand(input.shape)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
-        return grad.to(ctx.dtype)
-
-
-def _per_channel(vector: Tensor, input: Tensor) -> Tensor:
-    """A float64 ``(C,)`` vector shaped to broadcast against ``(N, C, *)`` input."""
-    return vector.double().view(1, -1, *([1] * (input.dim() - 2)))
-
-
-def merge_replica_statistics(parts: list[BatchStatistics]) -> BatchStatistics:
-    """Chan's merge of every replica's statistics, on the first one's device, differentiable."""
-    device = parts[0].mean.device
-    counts = tuple(p.count for p in parts)
-    tensors = [p.mean.to(device) for p in parts] + [p.m2.to(device) for p in parts]
-    mean, m2 = _MergeFunction.apply(counts, *tensors)
-    return BatchStatistics(sum(counts), mean, m2)
-
-
-class _MergeFunction(torch.autograd.Function):
-    """Chan's merge as one autograd node (a dozen small ops would each cost a node).
-
-    forward: ``merge_statistics``. backward, with n = sum n_i:
-    dmean_i = n_i / n * dmean + 2 n_i (mean_i - mean) * dM2, and dM2_i = dM2
-    (the mean's own dependence on mean_i cancels: sum n_i (mean_i - mean) = 0).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, counts: tuple[int, ...], *tensors: Tensor) -> tuple[Tensor, Tensor]:
-        half = len(counts)
-        means, m2s = tensors[:half], tensors[half:]
-        merged = merge_statistics([BatchStatistics(n, m, q) for n, m, q in zip(counts, means, m2s, strict=True)])
-        ctx.counts = counts
-        ctx.save_for_backward(*means, merged.mean)
-        return merged.mean, merged.m2
-
-    @staticmethod
-    def backward(ctx: Any, grad_mean: Tensor | None, grad_m2: Tensor | None) -> tuple[Tensor | None, ...]:
-        *means, mean = ctx.saved_tensors
-        total = max(sum(ctx.counts), 1)
-        grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
-        grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
-        grad_means = [
-            n / total * grad_mean + 2 * n * (m - mean) * grad_m2 for n, m in zip(ctx.counts, means, strict=True)
-        ]
-        return (None, *grad_means, *(grad_m2 for _ in means))

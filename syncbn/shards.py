@@ -13,9 +13,26 @@ without a copy when they tile one storage.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """Where ``split_batch`` cut its shards from: enough to join them back over that memory.
+
+    A dataclass, not a tuple: autograd walks tuples among a Function's arguments.
+    """
+
+    storage: torch.UntypedStorage
+    offset: int
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dim: int
+    sizes: tuple[int, ...]
+    shapes: tuple[torch.Size, ...]  # each shard's
 
 
 # Under torch.compile these run as they are: their tensors over another's memory
@@ -35,22 +52,28 @@ def split_batch(whole: Tensor, sizes: Sequence[int], dim: int = 0) -> list[Tenso
         >>> shards[0]._base is None, shards[0].tolist()
         (True, [0.0, 1.0, 2.0])
     """
-    shards = list(_SplitFunction.apply(whole, tuple(sizes), dim % whole.dim()))
-    for shard in shards:
-        shard._syncbn_version = shard._version  # what join_batch compares with: never changed in place
-    return shards
+    dim = dim % whole.dim()
+    shapes = tuple(_resized(whole.shape, dim, size) for size in sizes)
+    source = _Whole(
+        whole.untyped_storage(), whole.storage_offset(), whole.shape, whole.stride(), dim, tuple(sizes), shapes
+    )
+    shards = _SplitFunction.apply(whole, source)
+    for index, shard in enumerate(shards):
+        # What join_batch checks: cut from ``source`` at ``index``, and its version as made.
+        shard._syncbn_shard = (source, index, shard._version)
+    return list(shards)
 
 
 @torch.compiler.disable
 def join_batch(shards: Sequence[Tensor], dim: int = 0, *, private: bool = False) -> Tensor:
     """``torch.cat(shards, dim)``, without the copy when the shards tile one tensor.
 
-    Views that tile one tensor join to that tensor. Shards from ``split_batch`` that tile
-    one storage join to a tensor over that memory when the caller only reads the result
+    Views that tile one tensor join to that tensor. All the shards of one ``split_batch``,
+    in order, join to a tensor over their memory when the caller only reads the result
     (``private=True``), or when nothing else can see them: no other op holds them (saved
-    for its backward, or viewed) and none was changed in place, so that changing the
-    join cannot change what another op saved. Their versions are saved, so changing one
-    in place afterwards fails the backward, as changing a saved tensor does in torch.
+    for its backward, or viewed) and none was changed in place, so that changing the join
+    cannot change what another op saved. Their versions are saved, so changing one in
+    place afterwards fails the backward, as changing a saved tensor does in torch.
     Differentiable.
 
     Example:
@@ -61,77 +84,93 @@ def join_batch(shards: Sequence[Tensor], dim: int = 0, *, private: bool = False)
         [[0.0, 0.0], [1.0, 1.0]]
     """
     dim = dim % shards[0].dim()
-    base = shards[0]._base
-    if base is not None and _views_tile(shards, base, dim):
-        return base  # autograd follows views: the base's gradient is theirs, joined
-    alias = _shards_tile(shards, dim) and (private or all(_unseen(shard) for shard in shards))
-    return _JoinFunction.apply(dim, alias, *shards)
+    mark = getattr(shards[0], "_syncbn_shard", None)
+    if mark is None:
+        base = shards[0]._base
+        if base is not None and _views_tile(shards, base, dim):
+            return base  # autograd follows views: the base's gradient is theirs, joined
+        return _cat(shards, dim)
+    source = mark[0]
+    if source.dim == dim and _all_shards_of(source, shards) and (private or all(map(_unseen, shards))):
+        return _JoinFunction.apply(source, *shards)
+    return _cat(shards, dim)
+
+
+def _cat(shards: Sequence[Tensor], dim: int) -> Tensor:
+    # torch.cat drops channels_last when one part is empty; empty parts add nothing.
+    nonempty = [shard for shard in shards if shard.numel() > 0]
+    return torch.cat(nonempty or list(shards), dim)
 
 
 class _SplitFunction(torch.autograd.Function):
-    """whole -> shards along ``dim``: new tensors over ``whole``'s memory, not views.
+    """whole -> shards along ``source.dim``: new tensors over ``whole``'s memory, not views.
 
     backward: the join of the shards' gradients (zeros for a shard that got none).
     """
 
     @staticmethod
-    def forward(ctx, whole: Tensor, sizes: tuple[int, ...], dim: int) -> tuple[Tensor, ...]:
-        ctx.dim, ctx.sizes, ctx.whole = dim, sizes, (whole.shape, whole.dtype, whole.device)
-        storage, stride = whole.untyped_storage(), whole.stride()
-        shards, start = [], 0
-        for size in sizes:
-            shape = (*whole.shape[:dim], size, *whole.shape[dim + 1 :])
-            offset = whole.storage_offset() + start * stride[dim]
+    def forward(ctx, whole: Tensor, source: _Whole) -> tuple[Tensor, ...]:
+        ctx.source, ctx.dtype, ctx.device = source, whole.dtype, whole.device
+        shards, start = [], source.offset
+        step = source.stride[source.dim]
+        for size, shape in zip(source.sizes, source.shapes, strict=True):
             # set_ makes a tensor of its own (own version counter) over the same memory.
-            shards.append(whole.new_empty(0).set_(storage, offset, shape, stride))
-            start += size
+            shards.append(whole.new_empty(0).set_(source.storage, start, shape, source.stride))
+            start += size * step
         return tuple(shards)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        shape, dtype, device = ctx.whole
+        source = ctx.source
         parts = [
-            grad if grad is not None else torch.zeros(_resized(shape, ctx.dim, size), dtype=dtype, device=device)
-            for grad, size in zip(grads, ctx.sizes, strict=True)
+            grad if grad is not None else torch.zeros(shape, dtype=ctx.dtype, device=ctx.device)
+            for grad, shape in zip(grads, source.shapes, strict=True)
         ]
-        return join_batch(parts, ctx.dim), None, None
+        return join_batch(parts, source.dim), None
 
 
 class _JoinFunction(torch.autograd.Function):
-    """shards -> their concatenation along ``dim``; over their memory when ``alias``.
+    """All the shards of one ``split_batch``, in order -> a tensor over their memory.
 
     backward: the gradient split into the shards' sizes (views, no copy).
     """
 
     @staticmethod
-    def forward(ctx, dim: int, alias: bool, *shards: Tensor) -> Tensor:
-        ctx.dim, ctx.sizes, ctx.alias = dim, [shard.size(dim) for shard in shards], alias
-        if alias:
-            # Saved only so that autograd checks their versions in backward: the join
-            # shares their memory, but not their version counters.
-            ctx.save_for_backward(*shards)
-            first = next(shard for shard in shards if shard.size(dim) > 0)
-            shape = _resized(first.shape, dim, sum(ctx.sizes))
-            return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape, first.stride())
-        # torch.cat drops channels_last when one part is empty; empty parts add nothing.
-        nonempty = [shard for shard in shards if shard.numel() > 0]
-        return torch.cat(nonempty or list(shards), dim)
+    def forward(ctx, source: _Whole, *shards: Tensor) -> Tensor:
+        ctx.source = source
+        # Saved only so that autograd checks their versions in backward: the join shares
+        # their memory, but not their version counters.
+        ctx.save_for_backward(*shards)
+        return shards[0].new_empty(0).set_(source.storage, source.offset, source.shape, source.stride)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.alias:
-            ctx.saved_tensors  # noqa: B018 - raises if a shard changed in place since the join
-        return (None, None, *grad.split(ctx.sizes, ctx.dim))
+        ctx.saved_tensors  # noqa: B018 - raises if a shard changed in place since the join
+        return (None, *grad.split(ctx.source.sizes, ctx.source.dim))
+
+
+def _all_shards_of(source: _Whole, shards: Sequence[Tensor]) -> bool:
+    """Whether ``shards`` are ``source``'s shards in order, still where and as large as they were cut."""
+    if len(shards) != len(source.sizes):
+        return False
+    for index, shard in enumerate(shards):
+        mark = getattr(shard, "_syncbn_shard", None)
+        if mark is None or mark[0] is not source or mark[1] != index:
+            return False
+        # resize_ or set_ on a shard would move it: then its memory is not the whole's slice.
+        if shard.stride() != source.stride or shard.shape != source.shapes[index]:
+            return False
+    return True
 
 
 def _unseen(shard: Tensor) -> bool:
     # One reference (its Python object): no op saved it as an input and no view holds it;
     # its version as made: no in-place op changed it, which is how an op saves it as output.
-    return shard._version == getattr(shard, "_syncbn_version", None) and shard._use_count() == 1
+    return shard._version == shard._syncbn_shard[2] and shard._use_count() == 1
 
 
-def _resized(shape: torch.Size, dim: int, size: int) -> tuple[int, ...]:
-    return (*shape[:dim], size, *shape[dim + 1 :])
+def _resized(shape: torch.Size, dim: int, size: int) -> torch.Size:
+    return torch.Size((*shape[:dim], size, *shape[dim + 1 :]))
 
 
 def _views_tile(parts: Sequence[Tensor], base: Tensor, dim: int) -> bool:
@@ -148,24 +187,3 @@ def _views_tile(parts: Sequence[Tensor], base: Tensor, dim: int) -> bool:
             return False
         start += part.size(dim)
     return start == base.size(dim)
-
-
-def _shards_tile(shards: Sequence[Tensor], dim: int) -> bool:
-    """Whether non-view ``shards`` lie back to back along ``dim`` in one storage, as ``split_batch`` made them."""
-    nonempty = [shard for shard in shards if shard.size(dim) > 0]
-    if not nonempty or any(shard._base is not None for shard in shards):
-        return False
-    first = nonempty[0]
-    stride, storage = first.stride(), first.untyped_storage().data_ptr()
-    if stride[dim] == 0:
-        return False
-    offset = first.storage_offset()
-    for shard in nonempty:
-        same_layout = shard.stride() == stride and shard.dtype == first.dtype and shard.device == first.device
-        same_rest = shard.shape[:dim] == first.shape[:dim] and shard.shape[dim + 1 :] == first.shape[dim + 1 :]
-        if not (same_layout and same_rest) or shard.untyped_storage().data_ptr() != storage:
-            return False
-        if shard.storage_offset() != offset:
-            return False
-        offset += shard.size(dim) * stride[dim]
-    return True

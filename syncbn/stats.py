@@ -18,7 +18,7 @@ autograd node with the same gradient).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -153,3 +153,41 @@ def update_running_statistics(
         unbiased_var = stats.m2 / (stats.count - 1)
         running_mean.copy_(running_mean.double() * (1 - momentum) + stats.mean.double() * momentum)
         running_var.copy_(running_var.double() * (1 - momentum) + unbiased_var.double() * momentum)
+
+
+def merge_replica_statistics(parts: list[BatchStatistics]) -> BatchStatistics:
+    """Chan's merge of every replica's statistics, on the first one's device, differentiable."""
+    device = parts[0].mean.device
+    counts = tuple(p.count for p in parts)
+    tensors = [p.mean.to(device) for p in parts] + [p.m2.to(device) for p in parts]
+    mean, m2 = _MergeFunction.apply(counts, *tensors)
+    return BatchStatistics(sum(counts), mean, m2)
+
+
+class _MergeFunction(torch.autograd.Function):
+    """Chan's merge as one autograd node (a dozen small ops would each cost a node).
+
+    forward: ``merge_statistics``. backward, with n = sum n_i:
+    dmean_i = n_i / n * dmean + 2 n_i (mean_i - mean) * dM2, and dM2_i = dM2
+    (the mean's own dependence on mean_i cancels: sum n_i (mean_i - mean) = 0).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, counts: tuple[int, ...], *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        half = len(counts)
+        means, m2s = tensors[:half], tensors[half:]
+        merged = merge_statistics([BatchStatistics(n, m, q) for n, m, q in zip(counts, means, m2s, strict=True)])
+        ctx.counts = counts
+        ctx.save_for_backward(*means, merged.mean)
+        return merged.mean, merged.m2
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor | None, grad_m2: Tensor | None) -> tuple[Tensor | None, ...]:
+        *means, mean = ctx.saved_tensors
+        total = max(sum(ctx.counts), 1)
+        grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
+        grad_m2 = grad_m2 if grad_m2 is not None else torch.zeros_like(mean)
+        grad_means = [
+            n / total * grad_mean + 2 * n * (m - mean) * grad_m2 for n, m in zip(ctx.counts, means, strict=True)
+        ]
+        return (None, *grad_means, *(grad_m2 for _ in means))

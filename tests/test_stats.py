@@ -7,9 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncbn.functional import _MergeFunction
 from syncbn.kernels import SMALL, batch_statistics
-from syncbn.stats import BatchStatistics, merge_statistics
+from syncbn.stats import BatchStatistics, _MergeFunction, merge_statistics
 
 
 def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

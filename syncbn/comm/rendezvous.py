@@ -97,6 +97,7 @@ class Rendezvous:
         self._slots: dict[tuple[str, int], _Slot] = {}
         self._calls: Counter[tuple[int, str]] = Counter()
         self._waiting: dict[int, tuple[str, int]] = {}
+        self._blocked = 0  # replicas waiting at meetings not complete yet
         self._ended: set[int] = set()
         self._abort: _Abort | None = None
 
@@ -147,6 +148,7 @@ class Rendezvous:
             self.combining = None
         with self.lock:
             slot.result = result
+            self._blocked -= len(slot.values) - 1  # everyone but this replica waited here
             self._changed()
         return result
 
@@ -165,6 +167,11 @@ class Rendezvous:
                 self._set_abort(_Abort(f"replica {rank} raised {type(error).__name__}: {error}", peer_error=error))
             self._changed()
 
+    def close(self) -> None:
+        """Drop what the replicas posted (their tensors and layers) once the forward is over."""
+        with self.lock:
+            self._slots.clear()
+
     def abort(self, reason: str) -> None:
         """Give up on the forward (the runner found a replica blocked): every waiting replica raises."""
         with self.lock:
@@ -174,8 +181,10 @@ class Rendezvous:
 
     def _wait(self, rank: int, key: tuple[str, int], slot: _Slot) -> Any:
         self._waiting[rank] = key
+        self._blocked += 1
         try:
-            self._check_progress()
+            if self._ended or self._blocked == self.world_size:
+                self._check_progress()  # a replica ended, or none can run: either may be final
             self.schedule.park(rank, lambda: slot.result is not _PENDING)
             if self._abort is None:
                 return slot.result

@@ -82,13 +82,16 @@ def parallel_apply(
             running_replica.reset(token)
 
     functions = [functools.partial(work, rank) for rank in range(len(replicas))]
-    if in_threads:
-        outcomes = POOL.run_replicas(functions, rendezvous)
-    else:
-        device = devices[0]
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            run_greenlets(functions, rendezvous, [device.type])
-        outcomes = [None] * len(replicas)
+    try:
+        if in_threads:
+            outcomes = POOL.run_replicas(functions, rendezvous)
+        else:
+            device = devices[0]
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                run_greenlets(functions, rendezvous, [device.type])
+            outcomes = [None] * len(replicas)
+    finally:
+        rendezvous.close()  # the posts hold replica layers, which hold the rendezvous: no cycle
     for rank, outcome in enumerate(outcomes):
         if outcome == "abandoned":  # blocked in user code: it has no error of its own to raise
             errors[rank] = SyncBNTimeoutError(rendezvous.abort_reason or f"replica {rank} was abandoned")

@@ -12,18 +12,11 @@ training harness), ``comparisons`` (errors and the verdict), ``report`` (the out
 ``processes`` (ranks of a torch.distributed group), ``runner`` (``verify_model``).
 """
 
-from syncbn.verify.comparisons import (
-    DEFAULT_MAX_RATIO,
-    DEFAULT_TOLERANCES,
-    Comparison,
-    ComparisonSet,
-    Criterion,
-    Tolerance,
-    default_tolerance,
-)
+from syncbn.verify.comparisons import Comparison, ComparisonSet, Criterion
 from syncbn.verify.report import VerificationReport
 from syncbn.verify.runner import ProgressCallback, verify_model
 from syncbn.verify.settings import BACKENDS, DEFAULT_LR, default_batch_size
+from syncbn.verify.tolerance import DEFAULT_MAX_RATIO, DEFAULT_TOLERANCES, Tolerance, default_tolerance
 from syncbn.verify.trainer import ModelRunError
 from syncbn.workload import DTYPES, NotEnoughMemoryError, as_dtype, default_device, default_replicas, dtype_name
 

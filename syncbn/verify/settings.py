@@ -19,7 +19,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from syncbn.launch import PROCESS_BACKENDS
 from syncbn.parallel.data_parallel import DataParallel
-from syncbn.verify.comparisons import DEFAULT_MAX_RATIO, Tolerance, default_tolerance
+from syncbn.verify.tolerance import DEFAULT_MAX_RATIO, Tolerance, default_tolerance
 from syncbn.workload import DEVICES, as_dtype, check_memory, default_device, default_replicas, format_shape
 
 # How the R replicas run: threads of this process, or local processes (torch.distributed).
