@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from syncbn.bench_processes import SyncCostRow, measure_sync_cost
 from syncbn.timing import (
     REFERENCE,
     SYNCBN,
@@ -119,6 +120,7 @@ class BenchReport:
     rows: list[BenchRow]
     machine: dict[str, Any]
     settings: dict[str, Any] = field(default_factory=dict)
+    sync_cost: list[SyncCostRow] = field(default_factory=list)
 
     @property
     def overhead(self) -> list[dict[str, Any]]:
@@ -144,12 +146,13 @@ class BenchReport:
         return found
 
     def as_dict(self) -> dict[str, Any]:
-        """The report as one JSON-ready document: ``machine``, ``settings``, ``rows``, ``overhead``."""
+        """The report as one JSON-ready document: ``machine``, ``settings``, ``rows``, ``overhead``, ``sync_cost``."""
         return {
             "machine": self.machine,
             "settings": self.settings,
             "rows": [row.as_dict() for row in self.rows],
             "overhead": self.overhead,
+            "sync_cost": [row.as_dict() for row in self.sync_cost],
         }
 
 
@@ -248,7 +251,10 @@ def run_benchmark(
             once when done.
         seed: of the random inputs and cotangents.
         processes: also time SyncBN and unsynced BN on R local gloo processes (the
-            processes way; CPU only), each rank with one thread.
+            processes way; CPU only), each rank with one thread, and, per BatchNorm
+            shape, the processes way's sync cost per layer call beside the latency of
+            its two bare collectives (``BenchReport.sync_cost``, see
+            ``syncbn.bench_processes``).
         overhead: add the synchronization-overhead workload (``OVERHEAD_LAYERS`` layers
             on a tiny input); ``BenchReport.overhead`` turns it into microseconds per layer.
 
@@ -328,6 +334,11 @@ def run_benchmark(
                     ratio=1.0 if case.impl == REFERENCE else (fwd + bwd) / reference_total,
                 )
             )
+    sync_cost = []
+    if processes and shapes and replicas > 1:
+        if progress is not None:
+            progress(total, total, "sync cost of the processes way")
+        sync_cost = measure_sync_cost(shapes, replicas, repeats=repeats, warmup=warmup, dtype=dtype)
     if progress is not None:
         progress(total, total, "done")
     settings = {
@@ -339,7 +350,7 @@ def run_benchmark(
         "warmup": warmup,
         "processes": processes,
     }
-    return BenchReport(rows=rows, machine=machine, settings=settings)
+    return BenchReport(rows=rows, machine=machine, settings=settings, sync_cost=sync_cost)
 
 
 def _check_arguments(

@@ -53,9 +53,8 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
         torch.Size([4, 3, 8, 8])
     """
 
-    # Only replica 0 ever writes its buffers (forward below, syncbn.functional), so
-    # replicas on the master's device may read the master's instead of copies.
-    _syncbn_replicas_read_buffers_only = True
+    # Only replica 0 ever writes its buffers (forward below, syncbn.functional).
+    replicas_read_buffers_only = True
     # Class-level default: converted modules are made without calling __init__. Not an
     # annotation: TorchScript would try to type it, and its forward never reads it.
     process_group = None

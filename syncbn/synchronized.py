@@ -1,9 +1,12 @@
-"""The one marker of synchronized modules, and the name each one answers to in errors.
+"""What every synchronized module has in common: its marker, its name, and its guards.
 
 A module is synchronized when its class derives from ``Synchronized``: ``SyncBatchNorm``
 and the synchronized subclasses ``convert_model`` makes of other BatchNorm classes.
 ``convert_model`` records every such layer's qualified name (``"layer1.0.bn1"``), so
-that errors raised far from the model (in another process, say) can name it.
+that errors raised far from the model (in another process, say) can name it. Besides,
+``DataParallel`` binds each replica copy to its rendezvous
+(``syncbn.comm.replica_context``), and converted layers remember the class they came
+from, for ``revert_model``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ class Synchronized:
         >>> isinstance(syncbn.SyncBatchNorm2d(3), Synchronized)
         True
     """
+
+    # True where only replica 0 ever writes the module's buffers: replicas on the master's
+    # device may then read the master's buffers instead of copies (syncbn.parallel.replicate).
+    replicas_read_buffers_only = False
 
 
 def is_synchronized(module: nn.Module) -> bool:

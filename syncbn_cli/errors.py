@@ -101,3 +101,23 @@ def require_positive(**options: int | None) -> None:
     for name, value in options.items():
         if value is not None and value < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
+SHOWN = 8  # how many names an error lists before "and N more"
+
+
+def listing(names: Any) -> str:
+    """Up to ``SHOWN`` names, comma-separated, and how many more; ``(none)`` for none.
+
+    Example:
+        >>> listing(["a", "b"]), listing([])
+        ('a, b', '(none)')
+    """
+    names = list(names)
+    shown = ", ".join(names[:SHOWN])
+    return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "") if names else "(none)"
+
+
+def one_line(error: object) -> str:
+    """An exception's message on one line (torch's messages span several)."""
+    return " ".join(str(error).split())

@@ -18,18 +18,15 @@ failure never leaves a partial file.
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import json
 import os
 import pickle
 import pickletools
 import stat
-import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +36,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from syncbn_cli.errors import BadInput
+from syncbn_cli.errors import BadInput, listing, one_line
+from syncbn_cli.factories import build_from_factory
 
 NESTED_STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-SHOWN = 8  # how many names an error lists before "and N more"
 
 
 @dataclass
@@ -105,79 +102,6 @@ def _unwrap_parallel(model: nn.Module) -> nn.Module:
     return model
 
 
-# ------------------------------------------------------------------------------ factories
-
-
-def build_from_factory(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
-    """Call the factory named by ``spec``; return the model and its declared input shape."""
-    factory = resolve_factory(spec)
-    try:
-        model = factory()
-    except Exception as error:  # noqa: BLE001 - the user's code: report, don't crash
-        raise BadInput(f"factory {spec} raised {type(error).__name__}: {_one_line(error)}") from None
-    if not isinstance(model, nn.Module):
-        raise BadInput(f"factory {spec} returned {type(model).__name__}, expected a torch.nn.Module")
-    shape = getattr(factory, "input_shape", None)
-    return model, tuple(int(n) for n in shape) if shape is not None else None
-
-
-def resolve_factory(spec: str) -> Callable[[], Any]:
-    """The callable named by ``MOD:FN`` (an import path or a ``.py`` file, then a name)."""
-    module_name, sep, function_name = spec.rpartition(":")
-    if not sep or not module_name or not function_name:
-        raise BadInput(f"--factory expects MOD:FN, e.g. sample_models.resnet:resnet_tiny (got {spec!r})")
-    module = _import_file(module_name) if module_name.endswith(".py") else _import_module(module_name)
-    factory = getattr(module, function_name, None)
-    if factory is not None and not callable(factory):
-        raise BadInput(
-            f"{module_name}:{function_name} is not callable (it is a {type(factory).__name__}): "
-            "--factory names a function that builds the model"
-        )
-    if factory is None:
-        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise BadInput(f"{module_name} has no function {function_name!r}; callables there: {_listing(available)}")
-    return factory
-
-
-def _import_module(name: str) -> Any:
-    # Console scripts do not put the working directory on sys.path; users expect their
-    # project's modules to import as they do with `python -m`.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        if error.name is not None and not (name == error.name or name.startswith(error.name + ".")):
-            raise BadInput(f"importing {name} failed: it needs module {error.name!r}, which is not installed") from None
-        raise BadInput(
-            f"cannot import {name} ({error}); run from the directory that contains it, "
-            "or pass a file path such as path/to/models.py:build"
-        ) from None
-    except Exception as error:  # noqa: BLE001 - the user's module failed while importing
-        raise BadInput(f"importing {name} raised {type(error).__name__}: {_one_line(error)}") from None
-
-
-def _import_file(path_text: str) -> Any:
-    path = Path(path_text)
-    if not path.is_file():
-        raise BadInput(f"factory file {path} does not exist")
-    module_name = f"syncbn_factory_{abs(hash(path.resolve()))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    # Registered before running it, as `import` does: dataclasses and pickle look the
-    # module up in sys.modules.
-    sys.modules[module_name] = module
-    sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
-    try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as error:  # noqa: BLE001 - the user's file failed while importing
-        del sys.modules[module_name]
-        raise BadInput(f"importing {path} raised {type(error).__name__}: {_one_line(error)}") from None
-    finally:
-        sys.path.remove(str(path.resolve().parent))
-    return module
-
-
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -223,7 +147,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 def _unreadable_safetensors(path: Path, error: Exception) -> BadInput:
     return BadInput(
-        f"cannot read {path} as safetensors ({_one_line(error)}): the file is truncated or not a safetensors file"
+        f"cannot read {path} as safetensors ({one_line(error)}): the file is truncated or not a safetensors file"
     )
 
 
@@ -241,14 +165,14 @@ def _read_torch_file(path: Path, trust_pickle: bool) -> Any:
     except (ModuleNotFoundError, AttributeError) as error:
         # Only a trusted unpickle imports classes; this one names code that is not importable here.
         raise BadInput(
-            f"cannot unpickle {path}: {_one_line(error)}; run where the model's code is importable, "
+            f"cannot unpickle {path}: {one_line(error)}; run where the model's code is importable, "
             "or save model.state_dict() and pass --factory MOD:FN"
         ) from None
     except (OSError, EOFError, zipfile.BadZipFile):
         # Their messages ("[Errno 22] Invalid argument", "Ran out of input") say nothing more.
         raise _damaged(path) from None
     except (RuntimeError, ValueError) as error:
-        raise _damaged(path, _one_line(error)) from None
+        raise _damaged(path, one_line(error)) from None
 
 
 def _damaged(path: Path, detail: str | None = None) -> BadInput:
@@ -344,13 +268,13 @@ def _find_state_dict(content: Any, path: Path, key: str | None) -> dict[str, Ten
         raise BadInput(f"{path} is not a checkpoint: it holds an empty dict")
     if key is not None:
         if key not in content:
-            raise BadInput(f"{path} has no key {key!r}; its keys: {_listing(map(str, content))}")
+            raise BadInput(f"{path} has no key {key!r}; its keys: {listing(map(str, content))}")
         content = content[key]
     elif not _is_state_dict(content):
         found = next((k for k in NESTED_STATE_DICT_KEYS if k in content and _holds_weights(content[k])), None)
         if found is None:
             raise BadInput(
-                f"{path} is not a state dict and none of its keys ({_listing(map(str, content))}) holds one; "
+                f"{path} is not a state dict and none of its keys ({listing(map(str, content))}) holds one; "
                 "pass --key NAME to say where the weights are"
             )
         content = content[found]
@@ -391,11 +315,11 @@ def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Tensor],
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
+        problems.append(f"missing keys: {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
+        problems.append(f"unexpected keys: {listing(unexpected)}")
     if misshapen:
-        problems.append(f"shape mismatches (file vs model): {_listing(misshapen)}")
+        problems.append(f"shape mismatches (file vs model): {listing(misshapen)}")
     if problems:
         raise BadInput(
             f"{source} does not fit the factory's model: "
@@ -468,7 +392,7 @@ def save_weights(state_dict: Mapping[str, Tensor], path: Path, metadata: Mapping
     except (OSError, SafetensorError, RuntimeError) as error:
         # Disk full, quota, I/O errors: safetensors and torch.save raise their own types for them.
         Path(temp_name).unlink(missing_ok=True)
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
         raise BadInput(f"cannot write {path}: {reason}; no file written") from None
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -496,17 +420,6 @@ def read_syncbn_metadata(path: Path) -> dict[str, Any] | None:
     except ValueError:
         return None  # someone else's "syncbn" entry: not ours to interpret
     return metadata if isinstance(metadata, dict) else None
-
-
-def _listing(names: Any) -> str:
-    names = list(names)
-    shown = ", ".join(names[:SHOWN])
-    return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "") if names else "(none)"
-
-
-def _one_line(error: object) -> str:
-    """An exception's message on one line (torch's messages span several)."""
-    return " ".join(str(error).split())
 
 
 def qualified_class_name(model: nn.Module) -> str:

@@ -291,6 +291,11 @@ def test_gloo_rows_and_synchronization_overhead():
     expected = (synced.total_ms - unsynced.total_ms) * 1e3 / OVERHEAD_LAYERS
     assert overhead["gloo"]["total_us_per_layer"] == pytest.approx(expected)
     assert report.as_dict()["overhead"] == report.overhead
+    # The processes way's sync cost per layer call, beside its bare collectives, same run.
+    (cost,) = report.sync_cost
+    assert (cost.shape, cost.replicas, cost.rounds) == ("4x3x5x5", 2, 2)
+    assert cost.collectives_ms > 0 and cost.syncbn_ms > 0 and cost.bn_ms > 0
+    assert report.as_dict()["sync_cost"] == [cost.as_dict()]
 
 
 def test_cli_reports_overhead_per_layer():
@@ -298,6 +303,8 @@ def test_cli_reports_overhead_per_layer():
     assert result.exit_code == 0, result.stderr
     assert "synchronization overhead per BatchNorm layer call (threads, R = 2):" in result.stdout
     assert "synchronization overhead per BatchNorm layer call (gloo, R = 2):" in result.stdout
+    assert "processes way (gloo, R = 2), 4x3: sync cost" in result.stdout
+    assert "its two collectives alone" in result.stdout
     assert SYNCBN_GLOO in result.stdout
 
 

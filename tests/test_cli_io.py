@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sample_models.mlp import mlp_bn1d
-from syncbn_cli import io
+from syncbn_cli import factories, io
 from syncbn_cli.errors import BadInput
 
 USER_MODELS = """
@@ -50,7 +50,7 @@ def test_load_model_needs_something():
 
 def test_file_factory_runs_as_a_registered_module(tmp_path):
     (tmp_path / "user_models.py").write_text(USER_MODELS)
-    model, input_shape = io.build_from_factory(f"{tmp_path / 'user_models.py'}:build")
+    model, input_shape = factories.build_from_factory(f"{tmp_path / 'user_models.py'}:build")
     assert isinstance(model[1], nn.BatchNorm1d)
     assert input_shape == (4,)
 
@@ -60,10 +60,10 @@ def test_factory_module_that_fails_to_import(tmp_path, monkeypatch):
     (tmp_path / "broken_models.py").write_text("raise ImportError('torchvision is too old\\nupgrade it')\n")
     (tmp_path / "needy_models.py").write_text("import no_such_dependency\n")
     with pytest.raises(BadInput) as raised:
-        io.resolve_factory("broken_models:build")
+        factories.resolve_factory("broken_models:build")
     assert str(raised.value) == "importing broken_models raised ImportError: torchvision is too old upgrade it"
     with pytest.raises(BadInput) as raised:
-        io.resolve_factory("needy_models:build")
+        factories.resolve_factory("needy_models:build")
     assert (
         str(raised.value)
         == "importing needy_models failed: it needs module 'no_such_dependency', which is not installed"

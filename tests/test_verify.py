@@ -26,7 +26,7 @@ from syncbn.verify import (
     verify_model,
 )
 from syncbn.verify.comparisons import StepErrors
-from syncbn_cli.io import build_from_factory
+from syncbn_cli.factories import build_from_factory
 
 LOW_PRECISION = ["float32", "bfloat16", "float16"]
 # Batch/replica splits: even, uneven, fewer samples than replicas (empty shards).

@@ -8,7 +8,7 @@ as with ``nn.DataParallel``.
 Buffers follow ``nn.DataParallel``: replica 0 shares the master's buffers, so its
 in-place updates (running statistics, counters) are kept; every other replica gets a
 private copy, so no two replicas ever write the same tensor. The exception is a module
-that declares ``_syncbn_replicas_read_buffers_only`` (``syncbn.SyncBatchNorm``, which
+that declares ``replicas_read_buffers_only`` (``syncbn.SyncBatchNorm``, which
 writes buffers in replica 0 only): on the master's device every replica reads the
 master's buffers, which saves three copies per layer per replica.
 """
@@ -21,6 +21,8 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+from syncbn.synchronized import Synchronized
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -72,7 +74,7 @@ def replicate(module: M, devices: Sequence[torch.device]) -> list[M]:
                 else:
                     setattr(replica, name, parameter_on(param, device))
             # SyncBN layers of replicas 1.. never write their buffers: the master's serve.
-            shared_buffers = rank == 0 or getattr(master, "_syncbn_replicas_read_buffers_only", False)
+            shared_buffers = rank == 0 or (isinstance(master, Synchronized) and master.replicas_read_buffers_only)
             for name, buf in master._buffers.items():
                 if buf is None or (shared_buffers and buf.device == device):
                     continue  # shared with the master (already in the copied dict)

@@ -21,7 +21,7 @@ from syncbn.perf import PERF_DTYPE, run_perf_suite
 from syncbn.workload import DEVICES, DTYPES
 from syncbn_cli import render
 from syncbn_cli.errors import BadInput, library_errors, require_positive
-from syncbn_cli.io import build_from_factory
+from syncbn_cli.factories import build_from_factory
 from syncbn_cli.options import Devices, Json, Replicas, flag
 
 DEFAULT_MODEL = "sample_models.resnet:resnet_tiny"
@@ -199,10 +199,18 @@ def _print_tables(report: BenchReport) -> None:
 
 
 def _print_overhead(report: BenchReport) -> None:
-    """Synchronization cost per layer call, one line per backend."""
-    if not report.overhead:
+    """Synchronization cost per layer call, one line per backend; the processes way's beside its collectives."""
+    if not report.overhead and not report.sync_cost:
         return
     render.console.print()
+    for row in report.sync_cost:
+        render.console.print(
+            f"processes way (gloo, R = {row.replicas}), {row.shape}: sync cost {_ms(row.sync_cost_ms)} ms per "
+            f"layer call (SyncBN {_ms(row.syncbn_ms)} ms - nn.BatchNorm {_ms(row.bn_ms)} ms on a shard), "
+            f"its two collectives alone {_ms(row.collectives_ms)} ms: ratio {row.ratio:.2f} "
+            f"(quartiles {row.ratio_q1:.2f}-{row.ratio_q3:.2f})",
+            markup=False,
+        )
     for entry in report.overhead:
         render.console.print(
             f"synchronization overhead per BatchNorm layer call ({entry['backend']}, R = {entry['replicas']}): "
