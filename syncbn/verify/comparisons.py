@@ -248,8 +248,9 @@ Key = tuple[str, Any]  # ("check", name) or ("layer", (layer, call))
 class Comparer:
     """Compares one model's steps with the one-device results; ``finish`` gives the ``ComparisonSet``.
 
-    ``recheck``: measure one device again on the batch in reverse order when a tensor fails
-    the ratio (off for the unsynced baseline, which is expected to fail).
+    ``recheck``: measure one device again, rounded another way that is just as right
+    (``OneDevice.step_otherwise``), when a tensor fails the ratio (off for the unsynced
+    baseline, which is expected to fail).
     """
 
     def __init__(self, criterion: Criterion, *, recheck: bool = True) -> None:
@@ -263,18 +264,20 @@ class Comparer:
     def compare(self, actual: StepResult, expected: Expected) -> None:
         """Fold in one step: every output, the input gradient, gradients, buffers and layer outputs.
 
-        When a tensor fails the ratio, one device's error is measured again on the batch in
-        reverse order (``expected.reordered``) and the larger of the two counts: one device
-        has no preferred order, and rounding differs from one order to another.
+        When a tensor fails the ratio, one device's error is measured again, rounded in
+        other ways that are just as right (``expected.reordered``: the batch in reverse
+        order; BatchNorm in float64), and the largest counts: one device has no preferred
+        rounding either.
         """
         errors = measure_step(actual, expected)
         failing = any(self._fails_by_ratio(error) for error in errors.values())
         if failing and self.recheck and expected.reordered is not None:
-            again = measure_step(expected.reordered(), expected)
-            errors = {
-                key: replace(error, one_device_err=max(error.one_device_err, again[key].truth_err, key=sort_key))
-                for key, error in errors.items()
-            }
+            for other in expected.reordered():
+                again = measure_step(other, expected)
+                errors = {
+                    key: replace(error, one_device_err=max(error.one_device_err, again[key].truth_err, key=sort_key))
+                    for key, error in errors.items()
+                }
         for (kind, key), error in errors.items():
             if kind == "check":
                 self.checks.setdefault(key, Comparison(key)).add(error, self.criterion)

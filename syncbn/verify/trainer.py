@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
@@ -62,13 +63,14 @@ class Expected:
     """What one device computed in one step: the reference, the float64 truth, one device in the run's dtype.
 
     The three may be one result (a float64 run has only one). ``reordered`` computes one
-    device's step again on the batch in reverse order, on demand (see ``Comparer``).
+    device's step again, rounded another way that is just as right, on demand (see
+    ``Comparer`` and ``OneDevice.step_otherwise``).
     """
 
     reference: StepResult
     truth: StepResult
     one_device: StepResult
-    reordered: Callable[[], StepResult] | None = None
+    reordered: Callable[[], list[StepResult]] | None = None
 
 
 Cotangents = Mapping[str, Tensor] | Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]
@@ -214,15 +216,29 @@ class OneDevice:
                 f"{describe(error)}"
             ) from error
         check_outputs(truth.outputs)
-        reordered = functools.partial(self._step_reversed, self._state, x, truth.cotangents)
+        reordered = functools.partial(self.step_otherwise, self._state, x, truth.cotangents)
         return Expected(results[settings.reference_dtype], truth, results[settings.dtype], reordered)
 
-    def _step_reversed(self, state: State | None, x: Tensor, cotangents: Mapping[str, Tensor]) -> StepResult:
-        """One device's step in the run's dtype from ``state``, on the batch in reverse order, put back in order."""
+    def step_otherwise(self, state: State | None, x: Tensor, cotangents: Mapping[str, Tensor]) -> list[StepResult]:
+        """One device's step in the run's dtype from ``state``, rounded in other ways that are just as right.
+
+        Two: the batch taken in reverse order (sums and matrix products round differently),
+        and BatchNorm computed in float64 with its output rounded once, as SyncBN's merged
+        statistics do (in float16 a value that one way rounds just below zero and the other
+        just above flips a ReLU, and the gradient there changes by a whole upstream value).
+        """
+        return [self._step_from(state, x, cotangents, reverse=True), self._step_from(state, x, cotangents)]
+
+    def _step_from(
+        self, state: State | None, x: Tensor, cotangents: Mapping[str, Tensor], *, reverse: bool = False
+    ) -> StepResult:
         if self._reversed is None:
             self._reversed = Trainer(copy.deepcopy(self.start), self.settings, self.settings.dtype)
         if state is not None:
             self._reversed.load_state(state)
+        if not reverse:
+            with float64_batch_norm():
+                return self._reversed.step(x, cotangents)
         result = self._reversed.step(x.flip(0), {name: value.flip(0) for name, value in cotangents.items()})
         return StepResult(
             outputs={name: value.flip(0) for name, value in result.outputs.items()},
@@ -249,6 +265,38 @@ class OneDevice:
         self._state = state
         for trainer in self.trainers.values():
             trainer.load_state(state)
+
+
+@contextlib.contextmanager
+def float64_batch_norm() -> Iterator[None]:
+    """Within the block, ``F.batch_norm`` of low-precision input computes in float64 and rounds once.
+
+    Example:
+        >>> x = torch.randn(4, 3).half()
+        >>> with float64_batch_norm():
+        ...     y = torch.nn.functional.batch_norm(x, None, None, training=True)
+        >>> y.dtype
+        torch.float16
+    """
+    torch_batch_norm = F.batch_norm
+
+    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+        if input.dtype == torch.float64:
+            return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        mean, var = (None if t is None else t.double() for t in (running_mean, running_var))
+        w, b = (None if t is None else t.double() for t in (weight, bias))
+        output = torch_batch_norm(input.double(), mean, var, w, b, training, momentum, eps)
+        for buffer, updated in ((running_mean, mean), (running_var, var)):
+            if buffer is not None and training:
+                with torch.no_grad():
+                    buffer.copy_(updated)
+        return output.to(input.dtype)
+
+    F.batch_norm = batch_norm
+    try:
+        yield
+    finally:
+        F.batch_norm = torch_batch_norm
 
 
 class LayerRecorder:

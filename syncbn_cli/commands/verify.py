@@ -74,8 +74,10 @@ def verify(
     float64 truth, so SyncBN passes when its error against the truth is at most --max-ratio
     times one device's. One device's error counts as at least eps x max|truth| (the dtype's
     resolution) and --atol / --max-ratio: below these, errors are rounding noise, and a
-    ratio of two noises means nothing. Unsynchronized statistics are orders of magnitude
-    further off, in every dtype.
+    ratio of two noises means nothing. When a check fails that way, one device is run
+    again, rounded in other ways that are just as right (the batch in reverse order;
+    BatchNorm in float64), and its largest error counts. Unsynchronized statistics are
+    orders of magnitude further off, in every dtype.
 
     Exit code 0: SyncBN matches; 1: it does not; 2: bad input.
 
