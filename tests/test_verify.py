@@ -414,3 +414,21 @@ def test_the_timeout_reaches_data_parallel(statistics_way) -> None:
     assert not stalled.passed and "SyncBNTimeoutError" in (stalled.synced.error or ""), stalled.synced.error
     patient = verify_model(StallsOnOneSample(), (3, 5, 5), replicas=3, batch_size=5, timeout=30, device="cpu")
     assert patient.passed, patient.synced.error
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_merged_statistics_pass_in_low_precision_and_broken_sync_still_fails(dtype, statistics_way, monkeypatch):
+    # Replicas on separate devices merge statistics and round differently from one device's
+    # kernel, just as right: on resnet_basic a ReLU mask flipped, 100x one device's error on
+    # a bias gradient, before one device was also measured rounded other right ways.
+    statistics_way()
+    model, shape = build_from_factory("sample_models.zoo:resnet_basic")
+    report = verify_model(model, shape, replicas=4, batch_size=8, dtype=dtype, steps=2, device="cpu")
+    assert report.passed, report.as_dict()["synced"]
+    import syncbn.functional
+
+    monkeypatch.setattr(
+        syncbn.functional, "_exchange_statistics", lambda replica, post: syncbn.functional._Merged(*post[:3])
+    )
+    broken = verify_model(model, shape, replicas=4, batch_size=8, dtype=dtype, steps=2, device="cpu")
+    assert not broken.passed
