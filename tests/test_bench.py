@@ -276,6 +276,7 @@ def test_the_model_is_measured_on_copies():
     assert all(type(m).__module__.startswith("torch.") for m in model.modules())
 
 
+@pytest.mark.slow
 def test_gloo_rows_and_synchronization_overhead():
     report = run_benchmark([(4, 3, 5, 5)], replicas=2, repeats=2, warmup=1)
     rows = {(row.workload, row.impl): row for row in report.rows}
@@ -298,6 +299,7 @@ def test_gloo_rows_and_synchronization_overhead():
     assert report.as_dict()["sync_cost"] == [cost.as_dict()]
 
 
+@pytest.mark.slow
 def test_cli_reports_overhead_per_layer():
     result = invoke("--shapes", "4x3", "--replicas", "2", "--repeats", "1", "--warmup", "0", "--model", "none")
     assert result.exit_code == 0, result.stderr
@@ -308,6 +310,7 @@ def test_cli_reports_overhead_per_layer():
     assert SYNCBN_GLOO in result.stdout
 
 
+@pytest.mark.slow
 def test_perf_suite_reports_every_target_against_nn_batch_norm():
     result = invoke("--suite", "perf", "--repeats", "1", "--warmup", "0", "--json")
     assert result.exit_code == 0, result.stderr

@@ -311,6 +311,7 @@ def test_output_exists_needs_force(work, resnet_state):
     assert_loads_strictly_everywhere(out, resnet_state)
 
 
+@pytest.mark.slow
 def test_python_dash_m_converts_like_the_console_script(work, resnet_state):
     out = work / "out" / "resnet.safetensors"
     command = [sys.executable, "-m", "syncbn_cli", "convert", "model.pt", "--factory", RESNET, "-o", str(out)]

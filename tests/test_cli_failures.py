@@ -142,6 +142,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 120, **kwargs) -> subprocess
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow
 def test_a_real_process_prints_no_traceback(work):
     # `bench --model` turned library errors into a traceback: the whole process, start to exit.
     args = ["bench", "--model", f"{work / 'models.py'}:broken", "--shapes", "8x3", "--no-processes", "--no-overhead"]
@@ -208,6 +209,7 @@ def test_running_out_of_memory_at_run_time_is_one_line(monkeypatch, command, tar
     assert result.stderr.endswith("): use smaller inputs or batches\n")
 
 
+@pytest.mark.slow
 def test_a_bench_error_starts_the_line_it_is_on():
     # Piped: stderr holds the error alone.
     piped = runner.invoke(app, ["bench", "--shapes", "4x3", "--replicas", "4", "--model", "none"])

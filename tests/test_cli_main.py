@@ -34,6 +34,7 @@ def test_unknown_command_is_a_usage_error():
     assert result.exit_code == 2
 
 
+@pytest.mark.slow
 def test_python_dash_m_is_the_same_program():
     result = subprocess.run(
         [sys.executable, "-m", "syncbn_cli", "--help"], capture_output=True, text=True, timeout=120, check=False

@@ -309,6 +309,7 @@ class SlowReplica(nn.Module):
         return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["before", "between", "after"])
 @pytest.mark.parametrize("replicas_run_as", ["greenlets", "threads"])
 def test_data_parallel_waits_for_a_replica_computing_longer_than_the_timeout(where, replicas_run_as, statistics_way):

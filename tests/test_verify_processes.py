@@ -15,6 +15,7 @@ from syncbn.verify import verify_model
 from syncbn_cli.main import app
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # gloo rank processes, seconds each
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
