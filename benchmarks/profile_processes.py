@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
+from syncbn.bench_processes import start_together
 from syncbn.launch import run_on_processes
 
 SECTIONS = collections.defaultdict(float)
@@ -69,16 +70,6 @@ def instrument() -> None:
     function = functions._SyncBatchNormFunction
     function.forward = staticmethod(timed(function.forward, "fwd: Function total"))
     function.backward = staticmethod(timed(function.backward, "bwd: Function total"))
-
-
-def start_together(margin: float = 0.02) -> None:
-    """All ranks return at one instant of the shared monotonic clock (as syncbn.bench_processes does)."""
-    moment = torch.tensor([time.perf_counter() + margin], dtype=torch.float64)
-    dist.broadcast(moment, src=0)
-    deadline = moment.item()
-    time.sleep(max(deadline - time.perf_counter() - 0.002, 0.0))
-    while time.perf_counter() < deadline:
-        pass
 
 
 def step(module, x, cotangent):

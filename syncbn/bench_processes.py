@@ -197,7 +197,7 @@ def _time_rounds(
         order = names[round_ % len(names) :] + names[: round_ % len(names)]
         times = {}
         for name in order:
-            _start_together()
+            start_together()
             if name == COLLECTIVES:
                 # the forward's frames, then the backward's (the same sizes)
                 times[name] = (_time_collectives(sends, receives), _time_collectives(sends, receives))
@@ -208,7 +208,7 @@ def _time_rounds(
     return measured
 
 
-def _start_together(margin: float = 0.02) -> None:
+def start_together(margin: float = 0.02) -> None:
     """Return on every rank at one instant of the shared monotonic clock, ``margin`` seconds from rank 0's now."""
     import torch.distributed as dist
 

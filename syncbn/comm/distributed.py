@@ -270,10 +270,9 @@ def all_reduce_sum(
 ) -> Tensor:
     """Sum a 1-D float64 ``tensor`` over all ranks of ``group``: a checked ``all_gather``, then a sum.
 
-    Why not ``all_reduce``: for the few hundred numbers SyncBN exchanges, gloo's
-    all_reduce (a ring of steps) took 1.09 ms on loopback where all_gather took 0.38 ms
-    (2 processes, 33 float64); an all_gather also carries every rank's header. Summing
-    in rank order gives every rank the same bits.
+    Why not ``all_reduce``: for the few hundred numbers SyncBN exchanges, gloo's ring of
+    steps is slower than one all_gather (docs/design.md), which also carries every rank's
+    header. Summing in rank order gives every rank the same bits.
     """
     tag = tag if tag is not None else layer_tag(None, group)
     _, rows = all_gather_checked(tensor, tag, kind, group)
@@ -283,9 +282,8 @@ def all_reduce_sum(
 def wait_for(work: dist.Work, device: torch.device) -> None:
     """Wait for a collective: on the CPU, poll for a few milliseconds (yielding) before blocking.
 
-    A thread blocked in ``wait`` is woken late on a busy machine: a gloo all_gather of
-    4 ranks on 2 cores took 6.5 ms blocked and 2.8 ms polled (docs/design.md). On a GPU
-    ``wait`` only orders streams, so it is called at once.
+    A thread blocked in ``wait`` is woken late on a busy machine (docs/design.md). On a
+    GPU ``wait`` only orders streams, so it is called at once.
 
     Example:
         >>> # wait_for(dist.all_gather_single(out, frame, async_op=True), frame.device)
