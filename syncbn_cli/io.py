@@ -173,6 +173,9 @@ def _read_torch_file(path: Path, trust_pickle: bool) -> Any:
         raise _damaged(path) from None
     except (RuntimeError, ValueError) as error:
         raise _damaged(path, one_line(error)) from None
+    except (IndexError, KeyError, TypeError, UnicodeDecodeError):
+        # A file that is no pickle at all (text, say) trips torch's unpickler in odd ways.
+        raise _damaged(path) from None
 
 
 def _damaged(path: Path, detail: str | None = None) -> BadInput:

@@ -341,6 +341,7 @@ def bad_sources(tmp_path_factory, resnet_state) -> Path:
     (directory / "random.pt").write_bytes(random.Random(0).randbytes(4096))
     (directory / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
     (directory / "empty.pt").write_bytes(b"")
+    (directory / "text.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")  # no pickle at all
     save_file(resnet_state, str(directory / "good.safetensors"))
     whole = (directory / "good.safetensors").read_bytes()
     (directory / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
@@ -372,6 +373,11 @@ BAD_SOURCES = [
         "empty.pt",
         (),
         "cannot read {d}/empty.pt as a PyTorch checkpoint: the file is truncated or not a torch.save file",
+    ),
+    (
+        "text.pt",
+        (),
+        "cannot read {d}/text.pt as a PyTorch checkpoint: the file is truncated or not a torch.save file",
     ),
     (
         "random.safetensors",
