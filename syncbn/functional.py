@@ -97,13 +97,16 @@ def sync_batch_norm(
         merged = _exchange_statistics(replica, _Post(local, weight, bias, process_group, layer))
         return _normalize_with(shard, target, local, merged, replica.rank, replica.world_size)
     if training and process_group is not None:
-        return _SyncBatchNormFunction.apply(
-            input, weight, bias, running_mean, running_var, momentum, eps, process_group, layer
-        )
+        return _across_processes(input, weight, bias, running_mean, running_var, momentum, eps, process_group, layer)
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 # The threads way.
+
+
+# Run eagerly under torch.compile: the collectives' checks (headers, call indices) are
+# Python that dynamo would trace, guard on and recompile per layer, only to break there.
+_across_processes = torch.compiler.disable(_SyncBatchNormFunction.apply)
 
 
 class _Shard(NamedTuple):

@@ -161,13 +161,7 @@ class _SynchronizedSubclass(Synchronized):
         if replica is None and group is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         layer = _ActiveLayer(self, replica, group)  # type: ignore[arg-type]
-        stack = _layer_stack()
-        stack.append(layer)
-        try:
-            with _ROUTER:
-                output = super().forward(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            stack.pop()
+        output = self._routed_forward(layer, *args, **kwargs)
         if needs_batch_statistics and layer.routed_calls == 0:
             raise SyncBNError(
                 f"layer {describe(self)} ({self._syncbn_original_class.__name__}) computed its output "  # type: ignore[arg-type]
@@ -175,6 +169,19 @@ class _SynchronizedSubclass(Synchronized):
                 "cannot be synchronized; revert it with syncbn.revert_model or call F.batch_norm in its forward"
             )
         return output
+
+    # Eager under torch.compile, the original forward included: a graph break between its
+    # batch norm and an in-place activation (timm's SiLU) would hand the activation a graph
+    # input to mutate, which torch.compile's backward rejects (torch 2.13).
+    @torch.compiler.disable
+    def _routed_forward(self, layer: _ActiveLayer, *args: Any, **kwargs: Any) -> Any:
+        stack = _layer_stack()
+        stack.append(layer)
+        try:
+            with _ROUTER:
+                return super().forward(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            stack.pop()
 
 
 class _ScriptableSynchronizedSubclass(_SynchronizedSubclass):

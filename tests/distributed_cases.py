@@ -162,6 +162,24 @@ def training() -> tuple[nn.Module, torch.Tensor]:
     return resnet_tiny().double(), torch.randn(8, 3, 16, 16, dtype=torch.float64)
 
 
+@case
+def efficientnet() -> tuple[nn.Module, torch.Tensor]:
+    """timm's habits: BatchNormAct2d with an in-place SiLU, SE gating with ``mul_``."""
+    from sample_models import zoo
+
+    seeded()
+    return zoo.efficientnet().double(), torch.randn(8, *zoo.efficientnet.input_shape, dtype=torch.float64)
+
+
+@case
+def mobilenet_v3() -> tuple[nn.Module, torch.Tensor]:
+    """torchvision's habits: Conv-BN-activation blocks with in-place Hardswish, SE."""
+    from sample_models import zoo
+
+    seeded()
+    return zoo.mobilenet_v3().double(), torch.randn(8, *zoo.mobilenet_v3.input_shape, dtype=torch.float64)
+
+
 class Smooth(nn.Module):
     """Two BN layers (one without affine parameters) with tanh between: second derivatives everywhere."""
 
@@ -324,8 +342,11 @@ def cotangent_for(output: torch.Tensor) -> torch.Tensor:
     return torch.randn(output.shape, generator=generator, dtype=torch.float64).to(output.dtype)
 
 
-def run_case(name: str, rank: int, world: int, steps: int = 1) -> dict[str, object]:
-    """This rank's shard through DDP(convert_model(model)): output, input grad, DDP grads, buffers."""
+def run_case(name: str, rank: int, world: int, steps: int = 1, compiled: bool = False) -> dict[str, object]:
+    """This rank's shard through DDP(convert_model(model)): output, input grad, DDP grads, buffers.
+
+    ``compiled``: DDP around ``torch.compile(convert_model(model))``.
+    """
     import syncbn
 
     model, x = CASES[name]()
@@ -333,7 +354,8 @@ def run_case(name: str, rank: int, world: int, steps: int = 1) -> dict[str, obje
     cotangent = cotangent_for(reference_output)
     shard = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
     net = syncbn.convert_model(model)
-    ddp = nn.parallel.DistributedDataParallel(net) if any(p.requires_grad for p in net.parameters()) else net
+    module = torch.compile(net) if compiled else net
+    ddp = nn.parallel.DistributedDataParallel(module) if any(p.requires_grad for p in net.parameters()) else net
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1) if list(net.parameters()) else None
     if os.environ.get("SYNCBN_TEST_RAISE_ON_RANK") == str(rank):
         raise RuntimeError(f"rank {rank} raised on purpose before its first SyncBN layer")
@@ -462,6 +484,8 @@ def run_named(name: str, rank: int, world: int) -> dict[str, object]:
         return run_mismatch(name, rank, world)
     if name.startswith("hybrid"):
         return run_hybrid(name, rank, world)
+    if name.startswith("compiled_"):
+        return run_case(name.removeprefix("compiled_"), rank, world, 3, compiled=True)
     return run_case(name, rank, world, 3 if name == "training" else 1)
 
 
