@@ -23,6 +23,11 @@ class BatchNormLayer:
         synchronized: it already synchronizes (a SyncBN or a converted subclass).
         converts_to: the class ``convert_model`` makes of it (None when nothing changes).
         problem: why it cannot be converted, if it cannot.
+        frozen: a BatchNorm-like layer with fixed statistics (torchvision's or detectron2's
+            ``FrozenBatchNorm2d``): not a ``_BatchNorm``, so conversion leaves it alone, and
+            it has nothing to synchronize.
+        eval_mode: a ``_BatchNorm`` kept in eval mode in a model that is training (frozen by
+            its owner): it normalizes with running statistics and makes no collective.
     """
 
     name: str
@@ -36,13 +41,18 @@ class BatchNormLayer:
     synchronized: bool
     converts_to: str | None
     problem: str | None = None
+    frozen: bool = False
+    eval_mode: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def batch_norm_layers(model: nn.Module) -> list[BatchNormLayer]:
+def batch_norm_layers(model: nn.Module, *, frozen: bool = False) -> list[BatchNormLayer]:
     """Every BatchNorm layer of ``model`` (subclasses and SyncBN included), in module order.
+
+    With ``frozen``, BatchNorm-like layers with fixed statistics too (``FrozenBatchNorm2d``:
+    running statistics held as buffers by a module that is no ``_BatchNorm``).
 
     Example:
         >>> layers = batch_norm_layers(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
@@ -51,6 +61,9 @@ def batch_norm_layers(model: nn.Module) -> list[BatchNormLayer]:
     """
     layers = []
     for name, module in model.named_modules():
+        if frozen and _is_frozen_batch_norm(module):
+            layers.append(_frozen_layer(name, module))
+            continue
         if not isinstance(module, _BatchNorm):
             continue
         try:
@@ -70,6 +83,32 @@ def batch_norm_layers(model: nn.Module) -> list[BatchNormLayer]:
                 synchronized=is_synchronized(module),
                 converts_to=target,
                 problem=problem,
+                eval_mode=model.training and not module.training,
             )
         )
     return layers
+
+
+def _is_frozen_batch_norm(module: nn.Module) -> bool:
+    if isinstance(module, _BatchNorm):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    mean, var = buffers.get("running_mean"), buffers.get("running_var")
+    return mean is not None and var is not None and mean.dim() == 1 and mean.shape == var.shape
+
+
+def _frozen_layer(name: str, module: nn.Module) -> BatchNormLayer:
+    buffers = dict(module.named_buffers(recurse=False))
+    return BatchNormLayer(
+        name=name or "<root>",
+        kind=type(module).__name__,
+        num_features=buffers["running_mean"].numel(),
+        eps=getattr(module, "eps", float("nan")),
+        momentum=None,
+        affine="weight" in buffers or isinstance(getattr(module, "weight", None), nn.Parameter),
+        bias="bias" in buffers or isinstance(getattr(module, "bias", None), nn.Parameter),
+        track_running_stats=True,
+        synchronized=False,
+        converts_to=None,
+        frozen=True,
+    )

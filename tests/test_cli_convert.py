@@ -596,6 +596,42 @@ def test_inspect_reads_what_convert_recorded(work):
     assert [layer["name"] for layer in document["layers"]] == RESNET_BN
 
 
+def test_inspect_shows_frozen_layers_and_layers_kept_in_eval_mode(work):
+    # The detection backbone: a FrozenBatchNorm2d stem and layer1, layer2 kept in eval mode.
+    result = invoke("inspect", "--factory", "sample_models.zoo:detection_backbone", "--json")
+    assert result.exit_code == 0, result.output
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    assert [name for name, layer in layers.items() if layer["frozen"]] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
+    assert layers["bn1"]["kind"] == "FrozenBatchNorm2d" and layers["bn1"]["converts_to"] is None
+    assert [name for name, layer in layers.items() if layer["eval_mode"]] == [
+        "layer2.0.bn1",
+        "layer2.0.bn2",
+        "layer2.0.downsample.1",
+    ]
+    table = invoke("inspect", "--factory", "sample_models.zoo:detection_backbone")
+    assert "│ bn1                   │ FrozenBatchNorm2d │ 4        │ 1e-05 │ -        │" in table.stdout
+    assert "SyncBatchNorm2d (kept in eval mode: no sync)" in table.stdout
+    assert table.stdout.endswith(
+        "6 BatchNorm layers, 6 convert, 3 kept in eval mode while the model trains (running statistics: no sync), "
+        "and 3 frozen (fixed statistics, left as they are)\n"
+    )
+
+
+def test_inspect_marks_no_layer_of_a_training_model_frozen_or_in_eval(work):
+    result = invoke("inspect", "--factory", RESNET, "--json")
+    layers = json.loads(result.stdout)["layers"]
+    assert [layer["name"] for layer in layers] == RESNET_BN
+    assert not any(layer["frozen"] or layer["eval_mode"] for layer in layers)
+
+
+def test_convert_leaves_frozen_layers_out_of_its_layer_list():
+    from sample_models.zoo import detection_backbone
+
+    model = detection_backbone()
+    assert [layer.name for layer in syncbn.inventory.batch_norm_layers(model)][:1] == ["layer2.0.bn1"]
+    assert len(syncbn.inventory.batch_norm_layers(model, frozen=True)) == 9
+
+
 def test_inspect_bad_input(work):
     assert_bad_input(invoke("inspect", work / "nothing.pt"), f"{work / 'nothing.pt'}: no such file")
 

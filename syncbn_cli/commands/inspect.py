@@ -39,7 +39,7 @@ def inspect(
             typer.echo("pass --factory MOD:FN to see each layer's configuration", err=True)
         return
     loaded = io.load_model(source, factory, trust_pickle=trust_pickle, key=key)
-    layers = batch_norm_layers(loaded.model)
+    layers = batch_norm_layers(loaded.model, frozen=True)
     _show(source, loaded.factory, io.qualified_class_name(loaded.model), metadata, layers, json_output)
 
 
@@ -103,12 +103,16 @@ def _describe_metadata(source: Path | None, metadata: dict[str, Any], done: str,
 
 def _layer_row(layer: BatchNormLayer) -> tuple[object, ...]:
     momentum = "None" if layer.momentum is None else layer.momentum  # None: a cumulative average
-    if layer.problem:
+    if layer.frozen:
+        momentum, outcome = "-", "stays (frozen: nothing to sync)"
+    elif layer.problem:
         outcome = f"cannot: {layer.problem}"
     elif layer.converts_to is None:
         outcome = "already synchronized"
     else:
         outcome = layer.converts_to
+    if layer.eval_mode:
+        outcome += " (kept in eval mode: no sync)"
     return (
         layer.name,
         layer.kind,
@@ -122,12 +126,18 @@ def _layer_row(layer: BatchNormLayer) -> tuple[object, ...]:
 
 
 def _summary(layers: list[BatchNormLayer]) -> str:
+    frozen = sum(layer.frozen for layer in layers)
     converting = sum(layer.converts_to is not None for layer in layers)
     synchronized = sum(layer.synchronized for layer in layers)
     stuck = sum(layer.problem is not None for layer in layers)
-    parts = [layer_count(len(layers), "BatchNorm"), f"{converting} convert"]
+    in_eval = sum(layer.eval_mode for layer in layers)
+    parts = [layer_count(len(layers) - frozen, "BatchNorm"), f"{converting} convert"]
     if synchronized:
         parts.append(f"{synchronized} already synchronized")
     if stuck:
         parts.append(f"{stuck} cannot be converted")
+    if in_eval:
+        parts.append(f"{in_eval} kept in eval mode while the model trains (running statistics: no sync)")
+    if frozen:
+        parts.append(f"and {frozen} frozen (fixed statistics, left as they are)")
     return ", ".join(parts)
