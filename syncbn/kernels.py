@@ -12,6 +12,8 @@ kernels and what each costs: docs/design.md.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -49,17 +51,40 @@ def batch_statistics(input: Tensor) -> BatchStatistics:
         >>> stats.count, stats.mean.tolist(), stats.m2.tolist()
         (2, [2.0], [2.0])
     """
+    return centered_statistics(input)[0]
+
+
+class Centered(NamedTuple):
+    """``x - center`` per channel in the compute dtype, kept from the statistics' passes."""
+
+    deviations: Tensor
+    center: Tensor
+
+
+def centered_statistics(input: Tensor) -> tuple[BatchStatistics, Centered | None]:
+    """``batch_statistics``, and the deviations from the center it computed, when it kept them.
+
+    They are kept for NCHW-contiguous input above ``SMALL`` elements (else None), so that
+    ``normalize_centered`` can write the output over them: no second batch-sized tensor,
+    and no ``x * a + b`` cancelling for offset inputs.
+
+    Example:
+        >>> stats, centered = centered_statistics(torch.tensor([[1.0], [3.0]]))
+        >>> stats.mean.tolist(), centered is None  # small: the float64 path keeps nothing
+        ([2.0], True)
+    """
     channels = input.size(1)
     count = input.numel() // channels if channels else 0
     if count == 0:
         zeros = torch.zeros(channels, dtype=torch.float64, device=input.device)
-        return BatchStatistics(0, zeros, zeros)
+        return BatchStatistics(0, zeros, zeros), None
     dims = reduced_dims(input)
     if input.numel() <= SMALL:
         # Per-op overhead dominates here: one float64 var_mean is exact enough and fast.
         with torch.no_grad():
             var, mean = torch.var_mean(input.double(), dims, correction=0)
-        return BatchStatistics(count, mean, var * count)
+        return BatchStatistics(count, mean, var * count), None
+    kept = None
     with torch.no_grad():
         center = input.sum(dims, dtype=compute_dtype(input.dtype)).div_(count)
         deviations = centered(input, center)
@@ -71,11 +96,51 @@ def batch_statistics(input: Tensor) -> BatchStatistics:
             _, squares, sums = torch.ops.aten.native_batch_norm_backward(
                 deviations, deviations, ones, zeros, ones, None, None, False, 0.0, [False, True, True]
             )
+            kept = Centered(deviations, center)
         else:  # squared in place: no second batch-sized temporary
             sums, squares = deviations.sum(dims), deviations.square_().sum(dims)
         sums = torch.stack([center, sums, squares]).double()
     correction = sums[1] / count
-    return BatchStatistics(count, sums[0] + correction, sums[2] - count * correction.square())
+    return BatchStatistics(count, sums[0] + correction, sums[2] - count * correction.square()), kept
+
+
+def normalize_centered(
+    input: Tensor,
+    kept: Centered | None,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> Tensor:
+    """``normalize``, written over ``kept.deviations`` (``centered_statistics``'s) when it can.
+
+    ``y = dev * s + (b + (center - mean) * s)`` with ``s = w * invstd``: BatchNorm's
+    inference kernel (mean 0, variance 1) over the centered values, in place. Nothing
+    cancels, so offset inputs lose no more than a rounding of ``y``; ``normalize`` on
+    ``input`` rounds the mean to the compute dtype first. Otherwise (no deviations kept,
+    or an output dtype other than theirs) it is ``normalize``.
+
+    Example:
+        >>> x = torch.arange(64.0).view(2, 2, 4, 4).repeat(1, 1, 128, 8)
+        >>> stats, kept = centered_statistics(x)
+        >>> invstd = (stats.m2 / stats.count + 1e-5).rsqrt()
+        >>> y = normalize_centered(x, kept, stats.mean, invstd, None, None)
+        >>> y.data_ptr() == kept.deviations.data_ptr(), torch.allclose(y, normalize(x, stats.mean, invstd, None, None))
+        (True, True)
+    """
+    if kept is None or kept.deviations.dtype != input.dtype:
+        return normalize(input, mean, invstd, weight, bias)
+    deviations, dtype = kept.deviations, kept.deviations.dtype
+    scale = invstd.double() * weight if weight is not None else invstd.double()  # float64: promoted
+    shift = (kept.center.double() - mean.double()) * scale
+    if bias is not None:
+        shift += bias
+    zeros, ones, unused = torch.zeros_like(kept.center), torch.ones_like(kept.center), deviations.new_empty(0)
+    output, _, _ = torch.ops.aten.native_batch_norm.out(
+        deviations, scale.to(dtype), shift.to(dtype), zeros, ones, False, 0.0, 0.0,
+        out=deviations, save_mean=unused, save_invstd=unused,
+    )
+    return output
 
 
 def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -18,10 +18,12 @@ from syncbn.kernels import (
     SMALL,
     affine_in_deviation,
     batch_statistics,
+    centered_statistics,
     gradient_sums,
     input_gradient,
     normalize,
     normalize_backward,
+    normalize_centered,
 )
 
 SIZES = {"small": (4, 3, 8, 8), "large": (32, 3, 32, 32)}
@@ -65,6 +67,34 @@ def test_normalize_and_its_backward(offset_input):
     )
     torch.testing.assert_close(sum_dy, dy.double().sum((0, 2, 3)), rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(sum_dy_xhat, (dy.double() * xhat).sum((0, 2, 3)), rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "half"])
+def test_normalize_centered_writes_over_the_deviations_and_is_exact_for_offset_input(offset_input, layout):
+    x = offset_input
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "half":
+        x = (x - 1e4).half()  # float16 cannot hold 1e4 + noise
+    stats, kept = centered_statistics(x)
+    torch.testing.assert_close(stats.mean, batch_statistics(x).mean, rtol=0, atol=0)
+    invstd, weight, bias = (stats.m2 / stats.count + 1e-5).rsqrt(), torch.rand(3) + 0.5, torch.randn(3)
+    xd = x.double()
+    expected = (xd - as_float64_view(stats.mean, x)) * as_float64_view(invstd * weight, x) + as_float64_view(bias, x)
+    reused = kept is not None and kept.deviations.dtype == x.dtype
+    # Only NCHW-contiguous large float32 input keeps its deviations to write over.
+    assert reused == (layout == "contiguous" and x.numel() > SMALL)
+    out = normalize_centered(x, kept, stats.mean, invstd, weight, bias)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    if reused:
+        assert out.data_ptr() == kept.deviations.data_ptr()
+        # No cancellation: within a few roundings of the output (|y| < 10), where normalize
+        # on x rounds the float32 mean near 1e4 (up to 5e-4 off) first.
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=4e-6)
+        assert (normalize(x, stats.mean, invstd, weight, bias).double() - expected).abs().max() > 1e-5
+    else:
+        torch.testing.assert_close(out, normalize(x, stats.mean, invstd, weight, bias), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("affine", [True, False])
