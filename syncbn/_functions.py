@@ -1,7 +1,9 @@
 """The autograd Functions of SyncBN: what each way computes, and its gradient.
 
 - The processes way: ``_SyncBatchNormFunction``, one collective in forward, one in
-  backward; ``merge_across_processes`` for ``DataParallel`` inside a torch.distributed job.
+  backward (``forward_across_processes``, ``backward_across_processes``, which the custom
+  ops of ``syncbn.processes_op`` run under torch.compile); ``merge_across_processes`` for
+  ``DataParallel`` inside a torch.distributed job.
 - The threads way on separate devices: ``_LocalStatisticsFunction`` and
   ``_NormalizeFunction`` per replica, joined by the differentiable merge of
   ``syncbn.stats``; ``_Float32GradientFunction`` for half inputs.
@@ -63,20 +65,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         group: dist.ProcessGroup,
         layer: nn.Module | None,
     ) -> Tensor:
-        tag = layer_tag(layer, group)
-        # An empty local batch still joins the all_gather (count 0): skipping it would
-        # leave every other rank waiting.
-        stats = all_gather_statistics(kernels.batch_statistics(input), group, tag)
-        count_call(layer, group, tag)
-        if stats.count == 1:
-            check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
-        invstd = (stats.m2 / max(stats.count, 1) + eps).rsqrt_()
+        output, stats, invstd, tag = forward_across_processes(input, weight, bias, eps, group, layer)
         if running_mean is not None and running_var is not None and stats.count > 0:
             update_running_statistics(running_mean, running_var, stats, momentum)
         ctx.save_for_backward(input, weight, stats.mean, stats.m2, invstd)
         ctx.count, ctx.group, ctx.tag, ctx.eps = stats.count, group, tag, eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return kernels.normalize(input, stats.mean, invstd, weight, bias)
+        return output
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
@@ -87,21 +82,67 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-    """The first-order backward: fused passes and one collective of the two gradient sums."""
-    input, weight, mean, _, invstd = ctx.saved_tensors
+def forward_across_processes(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    group: dist.ProcessGroup,
+    layer: nn.Module | None,
+) -> tuple[Tensor, BatchStatistics, Tensor, CollectiveTag]:
+    """The processes way's forward: the output, the global statistics, their invstd, and the call's tag.
+
+    One checked collective; the running statistics are the caller's to update. Shared by
+    ``_SyncBatchNormFunction`` and the custom op that torch.compile traces
+    (``syncbn.processes_op``).
+    """
+    tag = layer_tag(layer, group)
+    # An empty local batch still joins the all_gather (count 0): skipping it would
+    # leave every other rank waiting.
+    stats = all_gather_statistics(kernels.batch_statistics(input), group, tag)
+    count_call(layer, group, tag)
+    if stats.count == 1:
+        check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
+    invstd = (stats.m2 / max(stats.count, 1) + eps).rsqrt_()
+    return kernels.normalize(input, stats.mean, invstd, weight, bias), stats, invstd, tag
+
+
+def backward_across_processes(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    count: int,
+    tag: CollectiveTag,
+    group: dist.ProcessGroup,
+    input_needs_grad: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The first-order backward: the input gradient (if needed), ``sum(dy)`` and ``sum(dy * xhat)`` (float64).
+
+    Fused passes and one collective of the two gradient sums; shared as the forward is.
+    """
     sum_dy, sum_dy_xhat = kernels.gradient_sums(grad_output, input, mean, invstd)
     # Every rank joins, an empty one too (its sums are zeros). While the sums travel,
     # the passes of the input gradient that need no global value run.
-    pending = PendingGather(torch.cat([sum_dy, sum_dy_xhat]), ctx.tag, BACKWARD, ctx.group)
-    deviations = kernels.prepare_input_gradient(input, mean) if ctx.needs_input_grad[0] else None
-    means = pending.wait()[1].sum(0) / max(ctx.count, 1)
+    pending = PendingGather(torch.cat([sum_dy, sum_dy_xhat]), tag, BACKWARD, group)
+    deviations = kernels.prepare_input_gradient(input, mean) if input_needs_grad else None
+    means = pending.wait()[1].sum(0) / max(count, 1)
     grad_input = None
-    if ctx.needs_input_grad[0]:
+    if input_needs_grad:
         channels = sum_dy.numel()
         grad_input = kernels.finish_input_gradient(
             deviations, grad_output, input, mean, invstd, weight, means[:channels], means[channels:]
         )
+    return grad_input, sum_dy, sum_dy_xhat
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """The first-order backward of ``_SyncBatchNormFunction``."""
+    input, weight, mean, _, invstd = ctx.saved_tensors
+    grad_input, sum_dy, sum_dy_xhat = backward_across_processes(
+        grad_output, input, weight, mean, invstd, ctx.count, ctx.tag, ctx.group, ctx.needs_input_grad[0]
+    )
     grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
     grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
     return grad_input, grad_weight, grad_bias

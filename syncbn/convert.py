@@ -20,7 +20,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from syncbn.modules import SyncBatchNorm, SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d
 from syncbn.parallel.data_parallel import DataParallel
 from syncbn.subclass import is_synchronized_subclass, synchronized_class
-from syncbn.synchronized import is_synchronized, record_layer_names
+from syncbn.synchronized import LAYER_KEY_ATTRIBUTE, assign_layer_key, is_synchronized, record_layer_names
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -158,21 +158,25 @@ def _convert_layer(module: nn.Module) -> nn.Module:
     target = SYNC_CLASS_FOR.get(type(module))
     if target is None:
         module.__class__ = synchronized_class(type(module))
-        return module
-    converted = _move_state(module, target)
-    converted.__dict__["_syncbn_converted_from"] = type(module)
+        converted = module
+    else:
+        converted = _move_state(module, target)
+        converted.__dict__["_syncbn_converted_from"] = type(module)
+    assign_layer_key(converted)
     return converted
 
 
 def _revert_layer(module: nn.Module) -> nn.Module:
     if is_synchronized_subclass(module):
         module.__class__ = module._syncbn_original_class
+        module.__dict__.pop(LAYER_KEY_ATTRIBUTE, None)
         return module
     if not isinstance(module, SyncBatchNorm):
         return module
     target = module.__dict__.get("_syncbn_converted_from") or PLAIN_CLASS_FOR[_base_sync_class(module)]
     reverted = _move_state(module, target)
     reverted.__dict__.pop("_syncbn_converted_from", None)
+    reverted.__dict__.pop(LAYER_KEY_ATTRIBUTE, None)
     if isinstance(reverted, nn.SyncBatchNorm):
         reverted.__dict__.setdefault("process_group", None)  # its forward reads it
     return reverted

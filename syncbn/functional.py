@@ -11,7 +11,8 @@ rest: when the replicas share a device (virtual CPU replicas), the last to arriv
 normalizes every shard at once with torch's own BatchNorm; across devices, each
 replica's statistics are merged on the first device. Processes each have their own
 graph, so ``_SyncBatchNormFunction`` makes one collective in forward (statistics) and one
-in backward (two per-channel gradient sums). A ``DataParallel`` inside a
+in backward (two per-channel gradient sums); under torch.compile the same code runs as
+custom ops (``syncbn.processes_op``), traced without a graph break. A ``DataParallel`` inside a
 torch.distributed job does both: its replicas meet first, then the processes.
 """
 
@@ -32,6 +33,7 @@ from syncbn._functions import (
     merge_across_processes,
 )
 from syncbn.comm.replica_context import ReplicaContext
+from syncbn.processes_op import sync_batch_norm_across_processes
 from syncbn.shards import join_batch, split_batch
 from syncbn.stats import BatchStatistics, check_count, merge_replica_statistics, update_running_statistics
 
@@ -47,7 +49,7 @@ def sync_batch_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | Tensor = 0.1,
     eps: float = 1e-5,
     *,
     replica: ReplicaContext | None = None,
@@ -61,7 +63,8 @@ def sync_batch_norm(
         running_mean, running_var: ``(C,)`` buffers, updated in place when ``training``.
         weight, bias: optional ``(C,)`` affine parameters.
         training: use batch statistics (and update running ones) instead of running ones.
-        momentum: the exponential-average factor (``nn.BatchNorm`` resolves ``None`` first).
+        momentum: the exponential-average factor (``nn.BatchNorm`` resolves ``None`` first);
+            a 0-dim tensor is taken too (a compiled ``SyncBatchNorm``'s ``1 / num_batches_tracked``).
         eps: added to the variance for numerical stability.
         replica: this replica's rendezvous in a ``syncbn.DataParallel`` forward.
         process_group: a torch.distributed group to reduce over (every rank must call).
@@ -86,6 +89,9 @@ def sync_batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    traced_across_processes = training and process_group is not None and torch.compiler.is_compiling()
+    if isinstance(momentum, Tensor) and not traced_across_processes:
+        momentum = float(momentum)  # torch's kernel takes a float
     if training and replica is not None and replica.world_size > 1:
         # With a process group too (syncbn.DataParallel in a torch.distributed job), the
         # replicas' combined statistics are reduced across processes once per call.
@@ -97,16 +103,17 @@ def sync_batch_norm(
         merged = _exchange_statistics(replica, _Post(local, weight, bias, process_group, layer))
         return _normalize_with(shard, target, local, merged, replica.rank, replica.world_size)
     if training and process_group is not None:
-        return _across_processes(input, weight, bias, running_mean, running_var, momentum, eps, process_group, layer)
+        if traced_across_processes:  # custom ops: no graph break at the layer
+            return sync_batch_norm_across_processes(
+                input, weight, bias, running_mean, running_var, momentum, eps, process_group, layer
+            )
+        return _SyncBatchNormFunction.apply(
+            input, weight, bias, running_mean, running_var, momentum, eps, process_group, layer
+        )
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 # The threads way.
-
-
-# Run eagerly under torch.compile: the collectives' checks (headers, call indices) are
-# Python that dynamo would trace, guard on and recompile per layer, only to break there.
-_across_processes = torch.compiler.disable(_SyncBatchNormFunction.apply)
 
 
 class _Shard(NamedTuple):

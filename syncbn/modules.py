@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from syncbn.comm.distributed import process_group_of
 from syncbn.comm.replica_context import replica_context
 from syncbn.functional import sync_batch_norm
-from syncbn.synchronized import Synchronized, check_bound, scripted_as, traced_call
+from syncbn.synchronized import Synchronized, assign_layer_key, check_bound, scripted_as, traced_call
 
 
 class SyncBatchNorm(Synchronized, _BatchNorm):
@@ -75,6 +75,7 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
+        assign_layer_key(self)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -105,7 +106,7 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
             if replica is None or replica.rank == 0:
                 self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / max(float(self.num_batches_tracked), 1.0)
+                exponential_average_factor = _cumulative_factor(self.num_batches_tracked)
         # Running statistics are updated only when tracked and training.
         use_buffers = not self.training or self.track_running_stats
         return sync_batch_norm(
@@ -121,6 +122,13 @@ class SyncBatchNorm(Synchronized, _BatchNorm):
             process_group=process_group_of(self, replica) if bn_training else None,
             layer=self,
         )
+
+
+def _cumulative_factor(num_batches_tracked: Tensor) -> float | Tensor:
+    """``1 / num_batches_tracked``: a float, or under torch.compile a 0-dim tensor (``float()`` breaks the graph)."""
+    if torch.compiler.is_compiling():
+        return 1.0 / num_batches_tracked.clamp(min=1).double()
+    return 1.0 / max(float(num_batches_tracked), 1.0)
 
 
 class SyncBatchNorm1d(SyncBatchNorm):

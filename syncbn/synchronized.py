@@ -3,7 +3,9 @@
 A module is synchronized when its class derives from ``Synchronized``: ``SyncBatchNorm``
 and the synchronized subclasses ``convert_model`` makes of other BatchNorm classes.
 ``convert_model`` records every such layer's qualified name (``"layer1.0.bn1"``), so
-that errors raised far from the model (in another process, say) can name it. Besides,
+that errors raised far from the model (in another process, say) can name it. Every
+layer has a key, an int unique in the process (a copy gets its own), by which the
+custom ops that torch.compile traces find it (``syncbn.processes_op``). Besides,
 ``DataParallel`` binds each replica copy to its rendezvous
 (``syncbn.comm.replica_context``), and converted layers remember the class they came
 from, for ``revert_model``.
@@ -11,17 +13,24 @@ from, for ``revert_model``.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from syncbn.comm.replica_context import current_replica
 from syncbn.errors import SyncBNError
 
 _NAME = "_syncbn_name"
+LAYER_KEY_ATTRIBUTE = "_syncbn_key"
+# Key -> layer, for the custom ops (which take no modules). Key 0 is no layer.
+_layers: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+_next_key = itertools.count(1)
 
 
 class Synchronized:
@@ -36,6 +45,11 @@ class Synchronized:
     # True where only replica 0 ever writes the module's buffers: replicas on the master's
     # device may then read the master's buffers instead of copies (syncbn.parallel.replicate).
     replicas_read_buffers_only = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        # A copy (copy.deepcopy, pickle) is another layer: its own key, so its own call counts.
+        assign_layer_key(self)  # type: ignore[arg-type]
 
 
 def is_synchronized(module: nn.Module) -> bool:
@@ -72,6 +86,54 @@ def layer_name(module: nn.Module) -> str | None:
         True
     """
     return module.__dict__.get(_NAME)
+
+
+def assign_layer_key(module: nn.Module) -> int:
+    """Give ``module`` a new key (see ``layer_key``) and return it.
+
+    Example:
+        >>> import syncbn
+        >>> bn = syncbn.SyncBatchNorm2d(3)
+        >>> layer_with_key(assign_layer_key(bn)) is bn
+        True
+    """
+    key = next(_next_key)
+    _layers[key] = module
+    module.__dict__[LAYER_KEY_ATTRIBUTE] = key
+    return key
+
+
+def layer_key(module: nn.Module | None) -> int:
+    """``module``'s key: an int unique among the process's layers (0 for None), made on first use.
+
+    Constant for the module's lifetime, so torch.compile bakes it into a graph (and guards
+    on it). ``SyncBatchNorm``, ``convert_model`` and copies assign keys up front; a layer
+    made some other way gets one here (under torch.compile, once, at a graph break).
+
+    Example:
+        >>> import syncbn
+        >>> bn = syncbn.SyncBatchNorm2d(3)
+        >>> layer_key(bn) == layer_key(bn) > 0, layer_key(None)
+        (True, 0)
+    """
+    if module is None:
+        return 0
+    key = module.__dict__.get(LAYER_KEY_ATTRIBUTE)
+    return key if key is not None else _assign_eagerly(module)
+
+
+# Dynamo cannot trace a WeakValueDictionary's update; eager, then guarded on the key.
+_assign_eagerly = torch.compiler.disable(assign_layer_key)
+
+
+def layer_with_key(key: int) -> nn.Module | None:
+    """The live layer whose key is ``key`` (None for 0, or a layer gone).
+
+    Example:
+        >>> layer_with_key(0) is None
+        True
+    """
+    return _layers.get(key) if key else None
 
 
 def describe(module: nn.Module) -> str:

@@ -180,6 +180,49 @@ def mobilenet_v3() -> tuple[nn.Module, torch.Tensor]:
     return zoo.mobilenet_v3().double(), torch.randn(8, *zoo.mobilenet_v3.input_shape, dtype=torch.float64)
 
 
+class SiluBlock(nn.Module):
+    """conv -> BN -> ``F.silu(..., inplace=True)``, returned: the in-place op mutates the BN output."""
+
+    def __init__(self, channels_in: int, channels_out: int, **bn: object) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels_in, channels_out, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels_out, **bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(self.bn(self.conv(x)), inplace=True)
+
+
+@case
+def silu_returned() -> tuple[nn.Module, torch.Tensor]:
+    seeded()
+    return nn.Sequential(SiluBlock(3, 4), SiluBlock(4, 4)).double(), torch.randn(8, 3, 6, 6, dtype=torch.float64)
+
+
+@case
+def conv_bn_activation() -> tuple[nn.Module, torch.Tensor]:
+    """torchvision's Conv2dNormActivation: Sequential(conv, bn, SiLU/Hardswish(inplace=True)), then a conv."""
+    seeded()
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(inplace=True)),
+        nn.Sequential(nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5), nn.Hardswish(inplace=True)),
+        nn.Conv2d(5, 3, 1),
+    )
+    return model.double(), torch.randn(8, 3, 6, 6, dtype=torch.float64)
+
+
+@case
+def silu_cumulative() -> tuple[nn.Module, torch.Tensor]:
+    """momentum=None (a cumulative average of the running statistics)."""
+    seeded()
+    return SiluBlock(3, 4, momentum=None).double(), torch.randn(8, 3, 6, 6, dtype=torch.float64)
+
+
+@case
+def silu_no_running_stats() -> tuple[nn.Module, torch.Tensor]:
+    seeded()
+    return SiluBlock(3, 4, track_running_stats=False).double(), torch.randn(8, 3, 6, 6, dtype=torch.float64)
+
+
 class Smooth(nn.Module):
     """Two BN layers (one without affine parameters) with tanh between: second derivatives everywhere."""
 
@@ -288,6 +331,9 @@ MISMATCHES = {
     "mismatch_wide": ((4, 2100), "skip"),  # bn_b's statistics need a second collective
     "mismatch_backward": ((4, 6), "backward"),
     "mismatch_unchecked": ((5, 5), "swap"),  # negative control: identical tags, no check can tell
+    # torch.compile(model): the collectives run in the custom ops of syncbn.processes_op
+    "compiled_mismatch_skip": ((4, 6), "skip"),
+    "compiled_mismatch_extra_call": ((4, 6), "extra_call"),
 }
 
 
@@ -306,14 +352,17 @@ def run_mismatch(name: str, rank: int, world: int) -> dict[str, object]:
     if name == "mismatch_unchecked":  # every layer looks the same: the checks cannot see the swap
         functions.layer_tag = lambda layer, group: CollectiveTag("same", 1, 0)
     try:
-        return mismatched_step(model, shard, rank == world - 1, fault)
+        return mismatched_step(model, shard, rank == world - 1, fault, compiled=name.startswith("compiled_"))
     finally:
         functions.layer_tag = exact_tag
 
 
-def mismatched_step(model: nn.Module, shard: torch.Tensor, faulty: bool, fault: str) -> dict[str, object]:
+def mismatched_step(
+    model: nn.Module, shard: torch.Tensor, faulty: bool, fault: str, compiled: bool = False
+) -> dict[str, object]:
     import syncbn
 
+    net = torch.compile(model) if compiled else model
     model.fault = fault if faulty else ""
     error, output = None, None
     started = time.monotonic()
@@ -325,14 +374,14 @@ def mismatched_step(model: nn.Module, shard: torch.Tensor, faulty: bool, fault: 
             (b.sum() if faulty else a.sum() + b.sum()).backward()
             sum(out.sum() for out in model.branches(shard)).backward()
         else:
-            out = model(shard)
+            out = net(shard)
             out.sum().backward()
             output = out.detach()
     except syncbn.SyncBNError as raised:
         error = f"{type(raised).__name__}: {raised}"
     elapsed = time.monotonic() - started
     model.fault = ""
-    healthy = model(shard)  # ranks that raised together are still in step
+    healthy = net(shard)  # ranks that raised together are still in step
     healthy.sum().backward()
     return {"error": error, "seconds": elapsed, "healthy": healthy.detach(), "output": output}
 
@@ -361,13 +410,14 @@ def run_case(name: str, rank: int, world: int, steps: int = 1, compiled: bool = 
         raise RuntimeError(f"rank {rank} raised on purpose before its first SyncBN layer")
     if os.environ.get("SYNCBN_TEST_STALL_ON_RANK") == str(rank):
         time.sleep(float(os.environ.get("SYNCBN_TEST_STALL_SECONDS", 15)))
-    outputs, input_grads = [], []
+    outputs, input_grads, step_grads = [], [], []
     for _ in range(steps):
         local_x = x[shard].clone().requires_grad_()
         out = ddp(local_x)
         out.backward(cotangent[shard])
         outputs.append(out.detach())
         input_grads.append(local_x.grad)
+        step_grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
         if optimizer is not None and steps > 1:
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
@@ -377,6 +427,7 @@ def run_case(name: str, rank: int, world: int, steps: int = 1, compiled: bool = 
         "input_grad": input_grads,
         "channels_last": outputs[-1].is_contiguous(memory_format=torch.channels_last) and outputs[-1].dim() == 4,
         "grads": {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None},
+        "step_grads": step_grads,
         "params": {n: p.detach().clone() for n, p in net.named_parameters()},
         "buffers": {n: b.clone() for n, b in net.named_buffers()},
     }
@@ -480,7 +531,7 @@ def run_named(name: str, rank: int, world: int) -> dict[str, object]:
         return run_call_indices(rank, world)
     if name.startswith("penalty"):
         return run_penalty(name, rank, world)
-    if name.startswith("mismatch"):
+    if name.removeprefix("compiled_").startswith("mismatch"):
         return run_mismatch(name, rank, world)
     if name.startswith("hybrid"):
         return run_hybrid(name, rank, world)

@@ -4,6 +4,7 @@ calls F.batch_norm there)."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -214,3 +215,20 @@ def test_unsynchronized_channels_last_and_bfloat16_match_torch(run_step):
     assert_identical(run_step(module, x, torch.ones_like(x)), run_step(reference, x, torch.ones_like(x)))
     x = x.bfloat16()
     assert_identical(run_step(module, x, torch.ones_like(x)), run_step(reference, x, torch.ones_like(x)))
+
+
+def test_every_layer_and_every_copy_has_its_own_key():
+    # The key is how the compiled processes way finds a layer (its name, its call counts):
+    # a copy shares neither with its original.
+    import pickle
+
+    from syncbn.synchronized import LAYER_KEY_ATTRIBUTE, layer_key, layer_with_key
+
+    net = syncbn.convert_model(nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3), syncbn.SyncBatchNorm2d(3)))
+    copies = [copy.deepcopy(net), pickle.loads(pickle.dumps(net))]
+    layers = [*net, *(layer for other in copies for layer in other)]
+    keys = [layer_key(layer) for layer in layers]
+    assert len(set(keys)) == len(layers) == 9 and 0 not in keys
+    assert all(layer_with_key(key) is layer for key, layer in zip(keys, layers, strict=True))
+    assert layer_key(None) == 0 and layer_with_key(0) is None
+    assert all(LAYER_KEY_ATTRIBUTE not in layer.__dict__ for layer in syncbn.revert_model(copies[0]))

@@ -124,3 +124,17 @@ def test_compiling_the_data_parallel_trains_exactly(replicas):
         got.square().sum().backward()
     torch.testing.assert_close(compiled.module.conv.weight.grad, reference.conv.weight.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compiled.module.state_dict(), reference.state_dict(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_layer_compiled_outside_a_replica_still_refuses_to_run_unbound_in_one():
+    # Traced with no replica running, the graph holds no check (the running-replica count
+    # is 0, and guarded); run as a replica, the guard fails and the retrace checks again.
+    from syncbn.comm.replica_context import running_as
+
+    compiled = torch.compile(syncbn.SyncBatchNorm2d(3))
+    x = torch.randn(4, 3, 5, 5)
+    compiled(x)
+    with running_as(0), pytest.raises(SyncBNError, match="without being bound to its replica"):
+        compiled(x)
+    compiled(x)  # outside again: no error

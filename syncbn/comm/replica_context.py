@@ -8,6 +8,9 @@ is its rank, per thread and per greenlet.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -19,6 +22,11 @@ _ATTRIBUTE = "_syncbn_replica"
 
 # Per thread and per greenlet: the rank of the replica whose forward runs there.
 running_replica: ContextVar[int | None] = ContextVar("syncbn_running_replica", default=None)
+# How many replica forwards run in this process, on any thread. torch.compile cannot read
+# a ContextVar (a graph break) but reads a module global and guards on it: while it is 0,
+# no replica runs here either.
+_running_replicas = 0
+_running_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,27 @@ def replica_context(module: nn.Module) -> ReplicaContext | None:
     return module.__dict__.get(_ATTRIBUTE)
 
 
+@contextlib.contextmanager
+def running_as(rank: int) -> Iterator[None]:
+    """Run the body as replica ``rank``'s forward: ``current_replica()`` is ``rank`` in it.
+
+    Example:
+        >>> with running_as(1):
+        ...     current_replica()
+        1
+    """
+    global _running_replicas
+    token = running_replica.set(rank)
+    with _running_lock:
+        _running_replicas += 1
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running_replicas -= 1
+        running_replica.reset(token)
+
+
 def current_replica() -> int | None:
     """The rank of the replica running on this thread, or None outside a ``DataParallel`` forward.
 
@@ -65,4 +94,6 @@ def current_replica() -> int | None:
         >>> current_replica() is None
         True
     """
+    if _running_replicas == 0:
+        return None
     return running_replica.get()

@@ -25,7 +25,7 @@ from torch import nn
 
 from syncbn.comm.rendezvous import Rendezvous
 from syncbn.comm.replica_context import current_replica as current_replica  # re-exported
-from syncbn.comm.replica_context import running_replica
+from syncbn.comm.replica_context import running_as
 from syncbn.errors import SyncBNPeerError, SyncBNTimeoutError
 from syncbn.parallel.replica_greenlets import run_greenlets
 from syncbn.parallel.replica_threads import POOL
@@ -63,23 +63,21 @@ def parallel_apply(
 
     def work(rank: int) -> None:
         device = devices[rank]
-        token = running_replica.set(rank)
-        try:
-            with contextlib.ExitStack() as entered:
-                if modes is not None:
-                    entered.enter_context(modes.entered(device.type))
-                    if device.type == "cuda":
-                        entered.enter_context(torch.cuda.device(device))
-                results[rank] = replicas[rank](*args[rank], **kwargs[rank])
-        except greenlet.GreenletExit:  # an abandoned greenlet being collected: just end
-            raise
-        except BaseException as error:  # noqa: BLE001 - handed to the caller below
-            errors[rank] = error
-            rendezvous.fail(rank, error)
-        else:
-            rendezvous.finish(rank)
-        finally:
-            running_replica.reset(token)
+        with running_as(rank):
+            try:
+                with contextlib.ExitStack() as entered:
+                    if modes is not None:
+                        entered.enter_context(modes.entered(device.type))
+                        if device.type == "cuda":
+                            entered.enter_context(torch.cuda.device(device))
+                    results[rank] = replicas[rank](*args[rank], **kwargs[rank])
+            except greenlet.GreenletExit:  # an abandoned greenlet being collected: just end
+                raise
+            except BaseException as error:  # noqa: BLE001 - handed to the caller below
+                errors[rank] = error
+                rendezvous.fail(rank, error)
+            else:
+                rendezvous.finish(rank)
 
     functions = [functools.partial(work, rank) for rank in range(len(replicas))]
     try:
