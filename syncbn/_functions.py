@@ -99,12 +99,15 @@ def forward_across_processes(
     tag = layer_tag(layer, group)
     # An empty local batch still joins the all_gather (count 0): skipping it would
     # leave every other rank waiting.
-    stats = all_gather_statistics(kernels.batch_statistics(input), group, tag)
+    local, centered = kernels.centered_statistics(input)
+    stats = all_gather_statistics(local, group, tag)
     count_call(layer, group, tag)
     if stats.count == 1:
         check_count(stats.count, input, f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}")
     invstd = (stats.m2 / max(stats.count, 1) + eps).rsqrt_()
-    return kernels.normalize(input, stats.mean, invstd, weight, bias), stats, invstd, tag
+    # The output is written over the statistics' deviations: no second batch-sized tensor.
+    output = kernels.normalize_centered(input, centered, stats.mean, invstd, weight, bias)
+    return output, stats, invstd, tag
 
 
 def backward_across_processes(

@@ -86,7 +86,8 @@ def test_normalize_centered_writes_over_the_deviations_and_is_exact_for_offset_i
     assert reused == (layout == "contiguous" and x.numel() > SMALL)
     out = normalize_centered(x, kept, stats.mean, invstd, weight, bias)
     assert out.dtype == x.dtype and out.shape == x.shape
-    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    layout_kept = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=layout_kept)
     if reused:
         assert out.data_ptr() == kept.deviations.data_ptr()
         # No cancellation: within a few roundings of the output (|y| < 10), where normalize
