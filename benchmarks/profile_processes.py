@@ -33,9 +33,11 @@ SECTIONS = collections.defaultdict(float)
 # (module path, attribute, label): whichever of these the profiled tree has gets a timer.
 STEPS = [
     ("syncbn.kernels", "batch_statistics", "fwd: local statistics"),
+    ("syncbn.kernels", "centered_statistics", "fwd: local statistics"),
     ("syncbn._functions", "all_gather_statistics", "fwd: collective + merge"),
     ("syncbn._functions", "update_running_statistics", "fwd: running statistics"),
     ("syncbn.kernels", "normalize", "fwd: normalize"),
+    ("syncbn.kernels", "normalize_centered", "fwd: normalize"),
     ("syncbn.kernels", "gradient_sums", "bwd: gradient sums"),
     ("syncbn._functions", "all_reduce_sum", "bwd: collective"),
     ("syncbn.kernels", "input_gradient", "bwd: input gradient"),
