@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import syncbn
@@ -110,11 +111,34 @@ class Residual(nn.Module):
         return self.relu(out)
 
 
+class SiLUBlock(nn.Module):
+    """An in-place activation on BN's output, returned: a graph break at BN would crash it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.conv(x)), inplace=True)
+
+
+BLOCKS = {
+    "residual": Residual,
+    "silu_ returned": SiLUBlock,
+    "hardswish_ in a Sequential": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardswish(inplace=True), nn.Conv2d(4, 3, 1)
+    ),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas", [2, 3])
-def test_compiling_the_data_parallel_trains_exactly(replicas):
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_compiling_the_data_parallel_trains_exactly(replicas, block):
+    # The replicas run eagerly inside the compiled DataParallel (syncbn.parallel.parallel_apply).
     torch.manual_seed(0)
-    reference = Residual().double()
+    reference = BLOCKS[block]().double()
     compiled = torch.compile(syncbn.DataParallel(syncbn.convert_model(copy.deepcopy(reference)), replicas=replicas))
     for _ in range(2):
         x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
@@ -122,7 +146,8 @@ def test_compiling_the_data_parallel_trains_exactly(replicas):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         want.square().sum().backward()
         got.square().sum().backward()
-    torch.testing.assert_close(compiled.module.conv.weight.grad, reference.conv.weight.grad, rtol=1e-12, atol=1e-12)
+    for got_param, want_param in zip(compiled.module.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got_param.grad, want_param.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compiled.module.state_dict(), reference.state_dict(), rtol=1e-12, atol=1e-12)
 
 

@@ -32,6 +32,11 @@ from syncbn.parallel.replica_threads import POOL
 from syncbn.parallel.thread_modes import ThreadModes
 
 
+# Replicas run eagerly under torch.compile. Dynamo would compile a greenlet replica's
+# frames with a graph break at each SyncBN (it meets the other replicas there), and a
+# compiled graph that gets that output as input and changes it in place
+# (F.silu(bn(x), inplace=True)) fails in backward (torch 2.13). Threads are never compiled.
+@torch.compiler.disable
 def parallel_apply(
     replicas: Sequence[nn.Module],
     args: Sequence[tuple[Any, ...]],
