@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from syncbn.comm.distributed import process_group_of
 from syncbn.comm.replica_context import ReplicaContext, replica_context
@@ -86,6 +87,20 @@ def _route(
 ) -> Tensor:
     stack = _active_layers.get() or ()
     layer = stack[-1] if stack else None
+    return _route_for(layer, input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _route_for(
+    layer: _ActiveLayer | None,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
     # Route only the layer's own call: a nested BN module has other buffers/parameters.
     if layer is not None and _is_own_call(layer.module, running_mean, weight):
         layer.routed_calls += 1
@@ -103,6 +118,25 @@ def _route(
             layer=layer.module,
         )
     return torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+class _RoutingMode(TorchFunctionMode):
+    """Routes ``layer``'s own ``F.batch_norm`` call as ``_ROUTER`` does, in a way torch.compile traces.
+
+    Dynamo cannot trace ``_ROUTER`` swapping a function of ``torch.nn.functional``, but it
+    traces a torch function mode, so under torch.compile a synchronized subclass's forward
+    stays in the graph (with the processes way's custom ops inside) instead of breaking it.
+    """
+
+    def __init__(self, layer: _ActiveLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch_batch_norm:
+            return _route_for(self.layer, *args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def _is_own_call(module: nn.Module, running_mean: Tensor | None, weight: Tensor | None) -> bool:
@@ -161,7 +195,11 @@ class _SynchronizedSubclass(Synchronized):
         if replica is None and group is None:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         layer = _ActiveLayer(self, replica, group)  # type: ignore[arg-type]
-        output = self._routed_forward(layer, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            with _RoutingMode(layer):
+                output = super().forward(*args, **kwargs)  # type: ignore[misc]
+        else:
+            output = self._routed_forward(layer, *args, **kwargs)
         if needs_batch_statistics and layer.routed_calls == 0:
             raise SyncBNError(
                 f"layer {describe(self)} ({self._syncbn_original_class.__name__}) computed its output "  # type: ignore[arg-type]
@@ -170,10 +208,6 @@ class _SynchronizedSubclass(Synchronized):
             )
         return output
 
-    # Eager under torch.compile, the original forward included: a graph break between its
-    # batch norm and an in-place activation (timm's SiLU) would hand the activation a graph
-    # input to mutate, which torch.compile's backward rejects (torch 2.13).
-    @torch.compiler.disable
     def _routed_forward(self, layer: _ActiveLayer, *args: Any, **kwargs: Any) -> Any:
         stack = _layer_stack()
         stack.append(layer)

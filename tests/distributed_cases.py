@@ -223,6 +223,27 @@ def silu_no_running_stats() -> tuple[nn.Module, torch.Tensor]:
     return SiluBlock(3, 4, track_running_stats=False).double(), torch.randn(8, 3, 6, 6, dtype=torch.float64)
 
 
+class FusedThenSilu(nn.Module):
+    """conv -> timm's BatchNormAct2d (its own in-place Hardswish) -> ``F.silu(..., inplace=True)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from sample_models.zoo.layers import BatchNormAct2d
+
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = BatchNormAct2d(4, act_layer=nn.Hardswish)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(self.bn(self.conv(x)), inplace=True)
+
+
+@case
+def subclass_then_silu() -> tuple[nn.Module, torch.Tensor]:
+    """An in-place op right after a converted BN subclass: its forward must trace into the graph too."""
+    seeded()
+    return nn.Sequential(FusedThenSilu(), nn.Conv2d(4, 3, 1)).double(), torch.randn(8, 3, 6, 6, dtype=torch.float64)
+
+
 class Smooth(nn.Module):
     """Two BN layers (one without affine parameters) with tanh between: second derivatives everywhere."""
 

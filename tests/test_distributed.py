@@ -240,6 +240,7 @@ COMPILED = [
     "silu_cumulative",
     "silu_no_running_stats",
     "called_twice",
+    "subclass_then_silu",
 ]
 
 
