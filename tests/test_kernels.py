@@ -69,10 +69,12 @@ def test_normalize_and_its_backward(offset_input):
     torch.testing.assert_close(sum_dy_xhat, (dy.double() * xhat).sum((0, 2, 3)), rtol=1e-6, atol=1e-3)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "half"])
+@pytest.mark.parametrize("layout", ["contiguous", "float64", "channels_last", "half"])
 def test_normalize_centered_writes_over_the_deviations_and_is_exact_for_offset_input(offset_input, layout):
     x = offset_input
-    if layout == "channels_last":
+    if layout == "float64":
+        x = x.double()
+    elif layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "half":
         x = (x - 1e4).half()  # float16 cannot hold 1e4 + noise
@@ -83,7 +85,7 @@ def test_normalize_centered_writes_over_the_deviations_and_is_exact_for_offset_i
     expected = (xd - as_float64_view(stats.mean, x)) * as_float64_view(invstd * weight, x) + as_float64_view(bias, x)
     reused = kept is not None and kept.deviations.dtype == x.dtype
     # Only NCHW-contiguous large float32 input keeps its deviations to write over.
-    assert reused == (layout == "contiguous" and x.numel() > SMALL)
+    assert reused == (layout in ("contiguous", "float64") and x.numel() > SMALL)
     out = normalize_centered(x, kept, stats.mean, invstd, weight, bias)
     assert out.dtype == x.dtype and out.shape == x.shape
     layout_kept = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -92,8 +94,10 @@ def test_normalize_centered_writes_over_the_deviations_and_is_exact_for_offset_i
         assert out.data_ptr() == kept.deviations.data_ptr()
         # No cancellation: within a few roundings of the output (|y| < 10), where normalize
         # on x rounds the float32 mean near 1e4 (up to 5e-4 off) first.
-        torch.testing.assert_close(out.double(), expected, rtol=0, atol=4e-6)
-        assert (normalize(x, stats.mean, invstd, weight, bias).double() - expected).abs().max() > 1e-5
+        tolerance = 1e-12 if x.dtype == torch.float64 else 4e-6
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=tolerance)
+        if x.dtype == torch.float32:
+            assert (normalize(x, stats.mean, invstd, weight, bias).double() - expected).abs().max() > 1e-5
     else:
         torch.testing.assert_close(out, normalize(x, stats.mean, invstd, weight, bias), rtol=0, atol=0)
 
