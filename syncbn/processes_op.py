@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._library.effects import EffectType
 
 from syncbn._functions import backward_across_processes, forward_across_processes
 from syncbn.comm.distributed import layer_tag
@@ -54,14 +55,22 @@ def sync_batch_norm_across_processes(
         >>> # in every process of an initialized group, usually inside a compiled model:
         >>> # y = sync_batch_norm_across_processes(x, w, b, rm, rv, 0.1, 1e-5, dist.group.WORLD, bn)
     """
+    global _last_info
     output, mean, m2, _, info = torch.ops.syncbn.processes_forward(
-        input, weight, bias, eps, group.group_name, layer_key(layer)
+        input, weight, bias, eps, group.group_name, layer_key(layer), _last_info
     )
+    _last_info = info
     if running_mean is not None and running_var is not None:
         if not isinstance(momentum, Tensor):
             momentum = torch.tensor(momentum, dtype=torch.float64)
         torch.ops.syncbn.processes_update_running_statistics(running_mean, running_var, mean, m2, info, momentum)
     return output
+
+
+# The last forward op's ``info``, which the next one takes as ``after``: a data dependency
+# that keeps a compiled graph from reordering the layers' collectives (see the end). Always
+# a tensor of info's shape and dtype, so that dynamo's guards on it never fail.
+_last_info: Tensor = torch.zeros(2, dtype=torch.int64)
 
 
 def _resolve(group: str) -> dist.ProcessGroup:
@@ -71,23 +80,25 @@ def _resolve(group: str) -> dist.ProcessGroup:
 
 @torch.library.custom_op("syncbn::processes_forward", mutates_args=())
 def _processes_forward(
-    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: str, layer: int
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: str, layer: int, after: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (output, global mean, global M2, invstd, [count, call index]); one checked collective."""
     resolved, module = _resolve(group), layer_with_key(layer)
     output, stats, invstd, tag = forward_across_processes(input, weight, bias, eps, resolved, module)
     # Op outputs may not alias each other (an empty batch's mean and M2 can be one tensor).
     info = torch.tensor([stats.count, tag.call], dtype=torch.int64)
-    return output, stats.mean.clone(), stats.m2.clone(), invstd, info
+    # Contiguous, as the fake says: inductor may hand the op an input in another layout than
+    # the one it traced with (channels_last from a convolution), and checks the output's.
+    return output.contiguous(), stats.mean.clone(), stats.m2.clone(), invstd, info
 
 
 @_processes_forward.register_fake
 def _(
-    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: str, layer: int
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: str, layer: int, after: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     channels = input.size(1)
     statistics = [input.new_empty(channels, dtype=torch.float64) for _ in range(3)]
-    return torch.empty_like(input), *statistics, torch.empty(2, dtype=torch.int64)
+    return input.new_empty(input.shape), *statistics, torch.empty(2, dtype=torch.int64)
 
 
 @torch.library.custom_op("syncbn::processes_backward", mutates_args=())
@@ -109,7 +120,7 @@ def _processes_backward(
     grad_input, sum_dy, sum_dy_xhat = backward_across_processes(
         grad_output, input, weight, mean, invstd, count, tag, resolved, input_needs_grad
     )
-    return grad_input if grad_input is not None else input.new_empty(0), sum_dy, sum_dy_xhat
+    return grad_input.contiguous() if grad_input is not None else input.new_empty(0), sum_dy, sum_dy_xhat
 
 
 @_processes_backward.register_fake
@@ -124,12 +135,12 @@ def _(
     layer: int,
     input_needs_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grad_input = torch.empty_like(input) if input_needs_grad else input.new_empty(0)
+    grad_input = input.new_empty(input.shape) if input_needs_grad else input.new_empty(0)
     return grad_input, torch.empty_like(mean), torch.empty_like(mean)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    input, weight, bias, _, group, layer = inputs
+    input, weight, bias, _, group, layer, _ = inputs
     _, mean, m2, invstd, info = output
     ctx.save_for_backward(input, weight, mean, invstd, info)
     ctx.group, ctx.layer = group, layer
@@ -147,7 +158,7 @@ def _backward(
     )
     grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and needs_weight else None
     grad_bias = sum_dy.to(ctx.bias_dtype) if needs_bias else None
-    return grad_input if needs_input else None, grad_weight, grad_bias, None, None, None
+    return grad_input if needs_input else None, grad_weight, grad_bias, None, None, None, None
 
 
 _processes_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -166,3 +177,13 @@ def _processes_update_running_statistics(
 @_processes_update_running_statistics.register_fake
 def _(running_mean: Tensor, running_var: Tensor, mean: Tensor, m2: Tensor, info: Tensor, momentum: Tensor) -> None:
     return None
+
+
+# Every rank must make its collectives in the same order, and a compiled graph is free
+# to reorder ops that share no data (a ResNet block's two branches): ranks whose graphs
+# differ (uneven shards, one rank recompiled for a new shape) then pair one layer's
+# collective with another's. The forward ops are chained by data (``after``); ordered
+# effects (which inductor alone did not honour for the forward in torch 2.13) are kept
+# for the backward ops, which no data chains.
+for _op in (_processes_forward, _processes_backward, _processes_update_running_statistics):
+    _op.register_effect(EffectType.ORDERED)

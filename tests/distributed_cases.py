@@ -454,6 +454,41 @@ def run_case(name: str, rank: int, world: int, steps: int = 1, compiled: bool = 
     }
 
 
+# Batch sizes whose shards differ between ranks and from step to step: each rank's
+# torch.compile recompiles (static, then dynamic shapes) at its own step.
+UNEVEN_BATCHES = (8, 7, 5, 3, 8)
+
+
+def uneven_batches() -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+    """The zoo's ResNet (two branches per downsampling block) and UNEVEN_BATCHES inputs and cotangents."""
+    from sample_models import zoo
+
+    seeded()
+    model = zoo.resnet_basic().double()
+    inputs = [torch.randn(n, *zoo.resnet_basic.input_shape, dtype=torch.float64) for n in UNEVEN_BATCHES]
+    cotangents = [torch.randn(n, 10, dtype=torch.float64) for n in UNEVEN_BATCHES]
+    return model, inputs, cotangents
+
+
+def run_compiled_uneven(rank: int, world: int) -> dict[str, object]:
+    """DDP(torch.compile(convert_model(model))) over UNEVEN_BATCHES: outputs per step and the final state."""
+    import syncbn
+
+    model, inputs, cotangents = uneven_batches()
+    net = syncbn.convert_model(model)
+    ddp = nn.parallel.DistributedDataParallel(torch.compile(net))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    outputs = []
+    for x, cotangent in zip(inputs, cotangents, strict=True):
+        shard = torch.tensor_split(torch.arange(x.shape[0]), world)[rank]
+        out = ddp(x[shard])
+        out.backward(cotangent[shard])
+        outputs.append(out.detach())
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"output": outputs, "state": {k: v.clone() for k, v in net.state_dict().items()}}
+
+
 def run_subgroups(rank: int, world: int) -> dict[str, object]:
     """Ranks {0, 1} and {2, 3} synchronize only within their pair (process_group=)."""
     import syncbn
@@ -556,6 +591,8 @@ def run_named(name: str, rank: int, world: int) -> dict[str, object]:
         return run_mismatch(name, rank, world)
     if name.startswith("hybrid"):
         return run_hybrid(name, rank, world)
+    if name == "compiled_uneven":
+        return run_compiled_uneven(rank, world)
     if name.startswith("compiled_"):
         return run_case(name.removeprefix("compiled_"), rank, world, 3, compiled=True)
     return run_case(name, rank, world, 3 if name == "training" else 1)

@@ -276,6 +276,26 @@ def test_ddp_around_a_compiled_model_trains_like_one_device(compiled_job, name):
         torch.testing.assert_close(rank["buffers"], expected["buffers"], **close)
 
 
+def test_compiled_ranks_keep_their_collectives_in_order_over_uneven_batches(tmp_path):
+    # Ranks recompile at different steps (their shards differ), and a compiled graph may
+    # order a block's two branches either way: syncbn.processes_op chains its ops by data.
+    results = launch(2, tmp_path, ["compiled_uneven"])
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stderr[-3000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["compiled_uneven"] for r in range(2)]
+    model, inputs, cotangents = cases.uneven_batches()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    close = {"rtol": 1e-9, "atol": 1e-11}
+    for step, (x, cotangent) in enumerate(zip(inputs, cotangents, strict=True)):
+        out = model(x)
+        out.backward(cotangent / 2)  # DDP averages the ranks' gradients
+        torch.testing.assert_close(torch.cat([r["output"][step] for r in ranks]), out.detach(), **close)
+        optimizer.step()
+        optimizer.zero_grad()
+    for rank in ranks:
+        torch.testing.assert_close(rank["state"], model.state_dict(), **close)
+
+
 def test_rank_that_raises_mid_forward_does_not_hang_the_others(tmp_path):
     start = time.monotonic()
     results = launch(2, tmp_path, ["bn2d"], SYNCBN_TEST_RAISE_ON_RANK="1", SYNCBN_TEST_TIMEOUT="60")
