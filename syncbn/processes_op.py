@@ -82,7 +82,10 @@ def _resolve(group: str) -> dist.ProcessGroup:
 def _processes_forward(
     input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: str, layer: int, after: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (output, global mean, global M2, invstd, [count, call index]); one checked collective."""
+    """-> (output, global mean, global M2, invstd, [count, call index]); one checked collective.
+
+    ``after`` is the previous op's ``[count, call index]``, unused: it only orders the ops.
+    """
     resolved, module = _resolve(group), layer_with_key(layer)
     output, stats, invstd, tag = forward_across_processes(input, weight, bias, eps, resolved, module)
     # Op outputs may not alias each other (an empty batch's mean and M2 can be one tensor).
