@@ -61,10 +61,10 @@ def batch_norm_layers(model: nn.Module, *, frozen: bool = False) -> list[BatchNo
     """
     layers = []
     for name, module in model.named_modules():
-        if frozen and _is_frozen_batch_norm(module):
-            layers.append(_frozen_layer(name, module))
-            continue
         if not isinstance(module, _BatchNorm):
+            fixed = _frozen_layer(name, module) if frozen else None
+            if fixed is not None:
+                layers.append(fixed)
             continue
         try:
             target, problem = conversion_target(module), None
@@ -89,20 +89,16 @@ def batch_norm_layers(model: nn.Module, *, frozen: bool = False) -> list[BatchNo
     return layers
 
 
-def _is_frozen_batch_norm(module: nn.Module) -> bool:
-    if isinstance(module, _BatchNorm):
-        return False
+def _frozen_layer(name: str, module: nn.Module) -> BatchNormLayer | None:
+    """``module`` as a frozen layer if it holds running statistics as buffers (not a ``_BatchNorm``), else None."""
     buffers = dict(module.named_buffers(recurse=False))
     mean, var = buffers.get("running_mean"), buffers.get("running_var")
-    return mean is not None and var is not None and mean.dim() == 1 and mean.shape == var.shape
-
-
-def _frozen_layer(name: str, module: nn.Module) -> BatchNormLayer:
-    buffers = dict(module.named_buffers(recurse=False))
+    if mean is None or var is None or mean.dim() != 1 or mean.shape != var.shape:
+        return None
     return BatchNormLayer(
         name=name or "<root>",
         kind=type(module).__name__,
-        num_features=buffers["running_mean"].numel(),
+        num_features=mean.numel(),
         eps=getattr(module, "eps", float("nan")),
         momentum=None,
         affine="weight" in buffers or isinstance(getattr(module, "weight", None), nn.Parameter),

@@ -131,10 +131,7 @@ def normalize_centered(
     if kept is None or kept.deviations.dtype != input.dtype:
         return normalize(input, mean, invstd, weight, bias)
     deviations, dtype = kept.deviations, kept.deviations.dtype
-    scale = invstd.double() * weight if weight is not None else invstd.double()  # float64: promoted
-    shift = (kept.center.double() - mean.double()) * scale
-    if bias is not None:
-        shift += bias
+    scale, shift = _scale_and_shift(kept.center, mean, invstd, weight, bias)
     zeros, ones, unused = torch.zeros_like(kept.center), torch.ones_like(kept.center), deviations.new_empty(0)
     output, _, _ = torch.ops.aten.native_batch_norm.out(
         deviations, scale.to(dtype), shift.to(dtype), zeros, ones, False, 0.0, 0.0,
@@ -157,14 +154,21 @@ def normalize(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
             output = output + _per_channel(bias.double(), input)
         return output.to(input.dtype)
     dtype = compute_dtype(input.dtype)
-    mean = mean.double()
-    rounded = mean.to(dtype)
-    scale = invstd.double() * weight if weight is not None else invstd.double()  # float64: promoted
-    shift = (rounded - mean) * scale
-    if bias is not None:
-        shift += bias
+    rounded = mean.double().to(dtype)
+    scale, shift = _scale_and_shift(rounded, mean, invstd, weight, bias)
     ones = torch.ones_like(rounded)
     return torch.batch_norm(input, scale.to(dtype), shift.to(dtype), rounded, ones, False, 0.0, 0.0, False)
+
+
+def _scale_and_shift(
+    center: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Float64 ``s = w * invstd`` and ``shift = b + (center - mean) * s``, for ``(x - center) * s + shift``."""
+    scale = invstd.double() * weight if weight is not None else invstd.double()  # float64: promoted
+    shift = (center.double() - mean.double()) * scale
+    if bias is not None:
+        shift += bias
+    return scale, shift
 
 
 def normalize_backward(
